@@ -1,0 +1,1 @@
+//! Block nodes and their dirty bitmaps.

@@ -1,0 +1,4 @@
+//! blockdelta: dirty-bitmap tracking and incremental backup, compatible with QEMU.
+#![deny(missing_docs)]
+
+pub mod block;
