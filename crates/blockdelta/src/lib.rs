@@ -1,4 +1,5 @@
 //! blockdelta: dirty-bitmap tracking and incremental backup, compatible with QEMU.
+
 #![deny(missing_docs)]
 
 pub mod block;

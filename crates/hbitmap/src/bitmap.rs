@@ -151,7 +151,7 @@ impl HBitmap {
         if end > self.size.max(aligned_size) {
             return Err(HBitmapError::OutOfRange { start, len, size: self.size });
         }
-        if start % align != 0 || (end % align != 0 && end != self.size) {
+        if !start.is_multiple_of(align) || (!end.is_multiple_of(align) && end != self.size) {
             return Err(HBitmapError::Misaligned { start, len, align });
         }
         let first = start >> self.granularity;

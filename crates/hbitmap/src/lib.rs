@@ -1,5 +1,4 @@
 //! A hierarchical dirty bitmap, compatible with QEMU's `HBitmap`.
-#![deny(missing_docs)]
 //!
 //! An [`HBitmap`] tracks which groups of items are dirty. Items are abstract units (the
 //! block layer uses bytes); the granularity is log2 of the items per bit, and ranges are
@@ -16,6 +15,8 @@
 //!   by the bitmap's size or a run's length.
 //! - `merge` of equal granularities: one pass over both arrays.
 //! - Memory: the bits, plus 1/2048 of them for the two summaries.
+
+#![deny(missing_docs)]
 
 mod bitmap;
 mod error;

@@ -100,7 +100,7 @@ impl HBitmap {
     fn chunk_words(&self, start: u64, len: u64) -> Result<std::ops::Range<usize>, HBitmapError> {
         let align = self.serialization_align()?;
         let end = self.checked_end(start, len)?;
-        if start % align != 0 || (len % align != 0 && end != self.size) {
+        if !start.is_multiple_of(align) || (!len.is_multiple_of(align) && end != self.size) {
             return Err(HBitmapError::Misaligned { start, len, align });
         }
         let first = (start / align) as usize;

@@ -1,1 +1,3 @@
-//! Block nodes and their dirty bitmaps.
+//! Block nodes and what hangs off them: so far, their dirty bitmaps.
+
+pub mod dirty_bitmap;

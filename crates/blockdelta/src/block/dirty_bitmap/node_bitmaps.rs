@@ -1,0 +1,635 @@
+//! The bitmaps of one node: lookup, checks, add, remove, clear, enable, disable, merge,
+//! the write hook, resize and query.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use hbitmap::HBitmap;
+
+use super::{
+    BitmapError, BitmapId, BitmapInfo, BitmapPersistence, Checks, MAX_NAME_LEN, check_granularity,
+    default_granularity,
+};
+
+/// Orders the locks of different nodes, so that a merge across nodes cannot deadlock.
+static NEXT_NODE_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// One bitmap and its flags.
+pub(super) struct DirtyBitmap {
+    pub(super) id: BitmapId,
+    pub(super) name: Option<String>,
+    pub(super) bits: HBitmap,
+    pub(super) disabled: bool,
+    pub(super) busy: bool,
+    pub(super) readonly: bool,
+    pub(super) persistent: bool,
+    pub(super) inconsistent: bool,
+    pub(super) skip_store: bool,
+    pub(super) successor: Option<BitmapId>,
+}
+
+impl DirtyBitmap {
+    /// The name for messages (QEMU prints anonymous bitmaps' names as `(null)`).
+    pub(super) fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| "(null)".to_string())
+    }
+
+    /// QEMU's `bdrv_dirty_bitmap_check`.
+    pub(super) fn check(&self, checks: Checks) -> Result<(), BitmapError> {
+        if checks.busy && self.busy {
+            return Err(BitmapError::Busy(self.display_name()));
+        }
+        if checks.readonly && self.readonly {
+            return Err(BitmapError::Readonly(self.display_name()));
+        }
+        if checks.inconsistent && self.inconsistent {
+            return Err(BitmapError::Inconsistent(self.display_name()));
+        }
+        Ok(())
+    }
+
+    pub(super) fn granularity_bytes(&self) -> u32 {
+        1u32 << self.bits.granularity()
+    }
+}
+
+/// The lock-protected state of a node's bitmaps.
+pub(super) struct Inner {
+    pub(super) length: u64,
+    /// Newest first, as QEMU lists them.
+    pub(super) bitmaps: Vec<DirtyBitmap>,
+    next_id: u64,
+}
+
+impl Inner {
+    pub(super) fn index_of(&self, id: BitmapId) -> Result<usize, BitmapError> {
+        self.bitmaps.iter().position(|b| b.id == id).ok_or(BitmapError::UnknownId(id))
+    }
+
+    pub(super) fn get(&self, id: BitmapId) -> Result<&DirtyBitmap, BitmapError> {
+        Ok(&self.bitmaps[self.index_of(id)?])
+    }
+
+    pub(super) fn get_mut(&mut self, id: BitmapId) -> Result<&mut DirtyBitmap, BitmapError> {
+        let i = self.index_of(id)?;
+        Ok(&mut self.bitmaps[i])
+    }
+
+    fn index_by_name(&self, name: &str) -> Result<usize, BitmapError> {
+        self.bitmaps
+            .iter()
+            .position(|b| b.name.as_deref() == Some(name))
+            .ok_or_else(|| BitmapError::NotFound(name.to_string()))
+    }
+
+    /// QEMU's lookup followed by `bdrv_dirty_bitmap_check`.
+    fn lookup(&self, name: &str, checks: Checks) -> Result<usize, BitmapError> {
+        let i = self.index_by_name(name)?;
+        self.bitmaps[i].check(checks)?;
+        Ok(i)
+    }
+
+    /// Creates a bitmap and puts it first in the list.
+    pub(super) fn insert(
+        &mut self,
+        name: Option<String>,
+        granularity: u32,
+        disabled: bool,
+    ) -> Result<BitmapId, BitmapError> {
+        let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
+        let id = BitmapId(self.next_id);
+        self.next_id += 1;
+        self.bitmaps.insert(
+            0,
+            DirtyBitmap {
+                id,
+                name,
+                bits,
+                disabled,
+                busy: false,
+                readonly: false,
+                persistent: false,
+                inconsistent: false,
+                skip_store: false,
+                successor: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Releases a bitmap that nothing uses any more.
+    pub(super) fn release(&mut self, id: BitmapId) -> Result<(), BitmapError> {
+        let i = self.index_of(id)?;
+        let bitmap = &self.bitmaps[i];
+        if bitmap.busy || bitmap.successor.is_some() {
+            return Err(BitmapError::Busy(bitmap.display_name()));
+        }
+        self.bitmaps.remove(i);
+        Ok(())
+    }
+}
+
+/// The arguments of `block-dirty-bitmap-add`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddBitmap {
+    /// The new bitmap's name.
+    pub name: String,
+    /// Granularity in bytes; the node's default when `None`.
+    pub granularity: Option<u64>,
+    /// Store the bitmap in the image.
+    pub persistent: bool,
+    /// Create it disabled (not recording).
+    pub disabled: bool,
+}
+
+/// A merge source: a bitmap on the target's node (`node: None`) or on another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapRef {
+    /// The node, or `None` for the target's node.
+    pub node: Option<String>,
+    /// The bitmap's name.
+    pub name: String,
+}
+
+impl BitmapRef {
+    /// A bitmap on the target's own node.
+    pub fn local(name: &str) -> Self {
+        BitmapRef { node: None, name: name.to_string() }
+    }
+
+    /// A bitmap on the node named `node`.
+    pub fn on(node: &str, name: &str) -> Self {
+        BitmapRef { node: Some(node.to_string()), name: name.to_string() }
+    }
+}
+
+/// The bits of a bitmap before a clear or merge, kept so that a transaction can roll the
+/// operation back ([`NodeBitmaps::restore`]) or drop it on commit.
+#[derive(Debug)]
+pub struct BitsBackup {
+    id: BitmapId,
+    bits: HBitmap,
+}
+
+/// A removal prepared inside a transaction: the stored copy is gone, the bitmap is busy
+/// and will not be stored; [`NodeBitmaps::commit_remove`] releases it,
+/// [`NodeBitmaps::abort_remove`] gives it back.
+#[derive(Debug)]
+#[must_use]
+pub struct RemovePending {
+    id: BitmapId,
+}
+
+/// The dirty bitmaps of one block node.
+pub struct NodeBitmaps {
+    node_name: String,
+    cluster_size: Option<u64>,
+    persistence: Option<Arc<dyn BitmapPersistence>>,
+    lock_key: u64,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for NodeBitmaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBitmaps").field("node", &self.node_name).finish_non_exhaustive()
+    }
+}
+
+impl NodeBitmaps {
+    /// The bitmaps of node `node_name`, `length` bytes long, whose driver reports
+    /// `cluster_size` (for the default granularity) and stores persistent bitmaps through
+    /// `persistence`, if it can.
+    pub fn new(
+        node_name: &str,
+        length: u64,
+        cluster_size: Option<u64>,
+        persistence: Option<Arc<dyn BitmapPersistence>>,
+    ) -> Self {
+        NodeBitmaps {
+            node_name: node_name.to_string(),
+            cluster_size,
+            persistence,
+            lock_key: NEXT_NODE_KEY.fetch_add(1, Ordering::Relaxed),
+            inner: Mutex::new(Inner { length, bitmaps: Vec::new(), next_id: 1 }),
+        }
+    }
+
+    /// The node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The length the bitmaps cover, in bytes.
+    pub fn length(&self) -> u64 {
+        self.lock().length
+    }
+
+    /// The granularity a bitmap gets when none is asked for.
+    pub fn default_granularity(&self) -> u32 {
+        default_granularity(self.cluster_size)
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the list half-edited: every
+        // operation validates before it mutates.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `block-dirty-bitmap-add`: checks in QEMU's order (empty name, granularity,
+    /// persistence, duplicate, name length), then creates the bitmap, newest first.
+    pub fn add(&self, request: &AddBitmap) -> Result<BitmapId, BitmapError> {
+        if request.name.is_empty() {
+            return Err(BitmapError::EmptyName);
+        }
+        let granularity = match request.granularity {
+            Some(g) => check_granularity(g)?,
+            None => self.default_granularity(),
+        };
+        let mut inner = self.lock();
+        if request.persistent {
+            let Some(persistence) = &self.persistence else {
+                return Err(BitmapError::PersistenceUnsupported { node: self.node_name.clone() });
+            };
+            let existing: Vec<(&str, u32)> = inner
+                .bitmaps
+                .iter()
+                .filter(|b| b.persistent)
+                .filter_map(|b| Some((b.name.as_deref()?, b.granularity_bytes())))
+                .collect();
+            persistence.can_store(&request.name, granularity, &existing).map_err(|reason| {
+                BitmapError::CannotMakePersistent {
+                    name: request.name.clone(),
+                    node: self.node_name.clone(),
+                    reason,
+                }
+            })?;
+        }
+        if inner.index_by_name(&request.name).is_ok() {
+            return Err(BitmapError::AlreadyExists(request.name.clone()));
+        }
+        if request.name.len() > MAX_NAME_LEN {
+            return Err(BitmapError::NameTooLong(request.name.clone()));
+        }
+        let id = inner.insert(Some(request.name.clone()), granularity, request.disabled)?;
+        inner.get_mut(id)?.persistent = request.persistent;
+        Ok(id)
+    }
+
+    /// Creates an anonymous (internal) bitmap, e.g. a backup's copy bitmap.
+    pub fn add_anonymous(&self, granularity: u64, disabled: bool) -> Result<BitmapId, BitmapError> {
+        let granularity = check_granularity(granularity)?;
+        self.lock().insert(None, granularity, disabled)
+    }
+
+    /// Releases a bitmap by handle (anonymous bitmaps end this way). Refused while it is
+    /// busy or has a successor.
+    pub fn release(&self, id: BitmapId) -> Result<(), BitmapError> {
+        self.lock().release(id)
+    }
+
+    /// The handle of the named bitmap.
+    pub fn find(&self, name: &str) -> Option<BitmapId> {
+        let inner = self.lock();
+        inner.index_by_name(name).ok().map(|i| inner.bitmaps[i].id)
+    }
+
+    /// Looks up a named bitmap and runs `checks` on it, in QEMU's order.
+    pub fn lookup(&self, name: &str, checks: Checks) -> Result<BitmapId, BitmapError> {
+        let inner = self.lock();
+        let i = inner.lookup(name, checks)?;
+        Ok(inner.bitmaps[i].id)
+    }
+
+    /// `block-dirty-bitmap-remove`: BUSY and READONLY checks; a persistent bitmap is
+    /// deleted from the image first, then released.
+    pub fn remove(&self, name: &str) -> Result<(), BitmapError> {
+        let pending = self.prepare_remove(name)?;
+        self.commit_remove(pending)
+    }
+
+    /// The transaction's remove, prepare step: checks, deletes the stored copy now, and
+    /// marks the bitmap busy and not to be stored.
+    pub fn prepare_remove(&self, name: &str) -> Result<RemovePending, BitmapError> {
+        let mut inner = self.lock();
+        let i = inner.lookup(name, Checks::REMOVE)?;
+        let bitmap = &mut inner.bitmaps[i];
+        if bitmap.persistent
+            && !bitmap.skip_store
+            && let Some(persistence) = &self.persistence
+        {
+            persistence
+                .remove_stored(name)
+                .map_err(|reason| BitmapError::StoreUpdate { reason })?;
+        }
+        bitmap.busy = true;
+        bitmap.skip_store = true;
+        Ok(RemovePending { id: bitmap.id })
+    }
+
+    /// Commits a prepared remove: the bitmap is released.
+    pub fn commit_remove(&self, pending: RemovePending) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        inner.get_mut(pending.id)?.busy = false;
+        inner.release(pending.id)
+    }
+
+    /// Rolls a prepared remove back: the bitmap is usable again and will be stored.
+    pub fn abort_remove(&self, pending: RemovePending) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        let bitmap = inner.get_mut(pending.id)?;
+        bitmap.busy = false;
+        bitmap.skip_store = false;
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`: DEFAULT checks, then every bit is reset.
+    pub fn clear(&self, name: &str) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        let i = inner.lookup(name, Checks::DEFAULT)?;
+        inner.bitmaps[i].bits.reset_all();
+        Ok(())
+    }
+
+    /// The transaction's clear: like [`clear`](Self::clear), keeping the old bits.
+    pub fn clear_with_backup(&self, name: &str) -> Result<BitsBackup, BitmapError> {
+        let mut inner = self.lock();
+        let i = inner.lookup(name, Checks::DEFAULT)?;
+        let bitmap = &mut inner.bitmaps[i];
+        let empty = HBitmap::new(bitmap.bits.size(), bitmap.bits.granularity())?;
+        let old = std::mem::replace(&mut bitmap.bits, empty);
+        Ok(BitsBackup { id: bitmap.id, bits: old })
+    }
+
+    /// Puts back the bits saved by a clear or merge (a transaction's abort).
+    pub fn restore(&self, backup: BitsBackup) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        inner.get_mut(backup.id)?.bits = backup.bits;
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable`: ALLOW_RO checks. Returns whether it was enabled
+    /// before, for a transaction's abort ([`set_enabled`](Self::set_enabled)).
+    pub fn enable(&self, name: &str) -> Result<bool, BitmapError> {
+        self.set_enabled_checked(name, true)
+    }
+
+    /// `block-dirty-bitmap-disable`: ALLOW_RO checks. Returns whether it was enabled
+    /// before.
+    pub fn disable(&self, name: &str) -> Result<bool, BitmapError> {
+        self.set_enabled_checked(name, false)
+    }
+
+    fn set_enabled_checked(&self, name: &str, enabled: bool) -> Result<bool, BitmapError> {
+        let mut inner = self.lock();
+        let i = inner.lookup(name, Checks::ALLOW_RO)?;
+        let bitmap = &mut inner.bitmaps[i];
+        let was_enabled = !bitmap.disabled;
+        bitmap.disabled = !enabled;
+        Ok(was_enabled)
+    }
+
+    /// Sets the enabled state without checks (a transaction's rollback).
+    pub fn set_enabled(&self, id: BitmapId, enabled: bool) -> Result<(), BitmapError> {
+        self.lock().get_mut(id)?.disabled = !enabled;
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-merge`: ORs `sources` into `target`, all or nothing. The
+    /// target needs DEFAULT checks, each source ALLOW_RO and the target's length;
+    /// granularities may differ (bits round outward). `resolve` finds the nodes that
+    /// sources name. Errors come in QEMU's order: target, then each source in turn.
+    pub fn merge(
+        &self,
+        target: &str,
+        sources: &[BitmapRef],
+        resolve: &dyn Fn(&str) -> Option<Arc<NodeBitmaps>>,
+    ) -> Result<(), BitmapError> {
+        self.merge_inner(target, sources, resolve, false).map(|_| ())
+    }
+
+    /// The transaction's merge: like [`merge`](Self::merge), keeping the target's old
+    /// bits for [`restore`](Self::restore).
+    pub fn merge_with_backup(
+        &self,
+        target: &str,
+        sources: &[BitmapRef],
+        resolve: &dyn Fn(&str) -> Option<Arc<NodeBitmaps>>,
+    ) -> Result<BitsBackup, BitmapError> {
+        self.merge_inner(target, sources, resolve, true)
+            .map(|backup| backup.expect("a backup was asked for"))
+    }
+
+    fn merge_inner(
+        &self,
+        target: &str,
+        sources: &[BitmapRef],
+        resolve: &dyn Fn(&str) -> Option<Arc<NodeBitmaps>>,
+        keep_backup: bool,
+    ) -> Result<Option<BitsBackup>, BitmapError> {
+        // Resolve other nodes before locking anything; a missing node is reported in
+        // its turn below.
+        let others: Vec<Option<Arc<NodeBitmaps>>> =
+            sources.iter().map(|s| s.node.as_deref().and_then(resolve)).collect();
+        let mut nodes: Vec<&NodeBitmaps> = vec![self];
+        nodes.extend(others.iter().flatten().map(|n| &**n));
+        nodes.sort_by_key(|n| n.lock_key);
+        nodes.dedup_by_key(|n| n.lock_key);
+        let mut guards: Vec<MutexGuard<'_, Inner>> = nodes.iter().map(|n| n.lock()).collect();
+        let slot = |node: &NodeBitmaps| nodes.iter().position(|n| n.lock_key == node.lock_key);
+        let target_slot = slot(self).expect("the target's node is locked");
+
+        let target_index = guards[target_slot].lookup(target, Checks::DEFAULT)?;
+        let target_len = guards[target_slot].length;
+        let mut plan = Vec::with_capacity(sources.len());
+        for (source, node) in sources.iter().zip(&others) {
+            let source_slot = match (&source.node, node) {
+                (None, _) => target_slot,
+                (Some(_), Some(node)) => slot(node).expect("every source node is locked"),
+                (Some(name), None) => return Err(BitmapError::NodeNotFound(name.clone())),
+            };
+            let index = guards[source_slot].lookup(&source.name, Checks::ALLOW_RO)?;
+            let src_len = guards[source_slot].bitmaps[index].bits.size();
+            if src_len != target_len {
+                return Err(BitmapError::SizeMismatch { dest: target_len, src: src_len });
+            }
+            plan.push((source_slot, index));
+        }
+
+        let backup = keep_backup.then(|| {
+            let bitmap = &guards[target_slot].bitmaps[target_index];
+            BitsBackup { id: bitmap.id, bits: bitmap.bits.clone() }
+        });
+        for (source_slot, index) in plan {
+            if source_slot == target_slot {
+                if index == target_index {
+                    continue; // merging a bitmap into itself changes nothing
+                }
+                let bitmaps = &mut guards[target_slot].bitmaps;
+                let (dst, src) = pair_mut(bitmaps, target_index, index);
+                dst.bits.merge(&src.bits)?;
+            } else {
+                let (dst, src) = pair_mut(&mut guards, target_slot, source_slot);
+                dst.bitmaps[target_index].bits.merge(&src.bitmaps[index].bits)?;
+            }
+        }
+        Ok(backup)
+    }
+
+    /// The write hook: marks `[offset, offset + len)` dirty in every enabled bitmap of
+    /// the node. Called for every finished write, write-zeroes and discard, whether it
+    /// succeeded or not. Does not allocate.
+    pub fn set_dirty(&self, offset: u64, len: u64) {
+        let mut inner = self.lock();
+        let end = offset.saturating_add(len).min(inner.length);
+        if offset >= end {
+            return;
+        }
+        for bitmap in inner.bitmaps.iter_mut().filter(|b| !b.disabled) {
+            // In range after the clip above, so this cannot fail.
+            let _ = bitmap.bits.set(offset, end - offset);
+        }
+    }
+
+    /// Whether a readonly bitmap exists; writes to the node must then fail with EPERM.
+    pub fn has_readonly(&self) -> bool {
+        self.lock().bitmaps.iter().any(|b| b.readonly)
+    }
+
+    /// Whether any named bitmap exists.
+    pub fn has_named(&self) -> bool {
+        self.lock().bitmaps.iter().any(|b| b.name.is_some())
+    }
+
+    /// Resizes every bitmap to `new_length` bytes (growing adds clean bits). Refused
+    /// while any bitmap is busy or frozen.
+    pub fn truncate(&self, new_length: u64) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        if let Some(b) = inner.bitmaps.iter().find(|b| b.busy || b.successor.is_some()) {
+            return Err(BitmapError::ResizeBusy {
+                node: self.node_name.clone(),
+                name: b.name.clone().unwrap_or_default(),
+            });
+        }
+        // Size every bitmap before changing any, so a failure leaves all as they were.
+        let mut resized = Vec::with_capacity(inner.bitmaps.len());
+        for bitmap in &inner.bitmaps {
+            let mut bits = bitmap.bits.clone();
+            bits.truncate(new_length)?;
+            resized.push(bits);
+        }
+        for (bitmap, bits) in inner.bitmaps.iter_mut().zip(resized) {
+            bitmap.bits = bits;
+        }
+        inner.length = new_length;
+        Ok(())
+    }
+
+    /// The query records of every bitmap, anonymous ones included, newest first.
+    pub fn query(&self) -> Vec<BitmapInfo> {
+        let inner = self.lock();
+        inner
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let successor_recording =
+                    b.successor.and_then(|s| inner.get(s).ok()).is_some_and(|s| !s.disabled);
+                BitmapInfo {
+                    name: b.name.clone(),
+                    count: b.bits.count(),
+                    granularity: b.granularity_bytes(),
+                    recording: !b.disabled || successor_recording,
+                    busy: b.busy,
+                    persistent: b.persistent,
+                    inconsistent: b.inconsistent,
+                }
+            })
+            .collect()
+    }
+
+    /// The query record of one bitmap.
+    pub fn info(&self, id: BitmapId) -> Result<BitmapInfo, BitmapError> {
+        let index = self.lock().index_of(id)?;
+        Ok(self.query().swap_remove(index))
+    }
+
+    /// `x-debug-block-dirty-bitmap-sha256`: no state checks.
+    pub fn sha256(&self, name: &str) -> Result<String, BitmapError> {
+        let inner = self.lock();
+        let i = inner.lookup(name, Checks::NONE)?;
+        Ok(inner.bitmaps[i].bits.sha256_hex())
+    }
+
+    /// Runs `f` on a bitmap's bits (e.g. to walk a copy bitmap or store a bitmap).
+    pub fn with_bits<R>(
+        &self,
+        id: BitmapId,
+        f: impl FnOnce(&HBitmap) -> R,
+    ) -> Result<R, BitmapError> {
+        Ok(f(&self.lock().get(id)?.bits))
+    }
+
+    /// Runs `f` on a bitmap's bits for changes (e.g. a backup clearing copied clusters,
+    /// a loader filling a bitmap from the image). No checks: for internal users.
+    pub fn with_bits_mut<R>(
+        &self,
+        id: BitmapId,
+        f: impl FnOnce(&mut HBitmap) -> R,
+    ) -> Result<R, BitmapError> {
+        Ok(f(&mut self.lock().get_mut(id)?.bits))
+    }
+
+    /// Marks a bitmap busy (an export, a job) or not.
+    pub fn set_busy(&self, id: BitmapId, busy: bool) -> Result<(), BitmapError> {
+        self.lock().get_mut(id)?.busy = busy;
+        Ok(())
+    }
+
+    /// Marks a bitmap readonly (loaded from a read-only node) or not.
+    pub fn set_readonly(&self, id: BitmapId, readonly: bool) -> Result<(), BitmapError> {
+        self.lock().get_mut(id)?.readonly = readonly;
+        Ok(())
+    }
+
+    /// Marks a bitmap to be stored in the image, or not.
+    pub fn set_persistent(&self, id: BitmapId, persistent: bool) -> Result<(), BitmapError> {
+        self.lock().get_mut(id)?.persistent = persistent;
+        Ok(())
+    }
+
+    /// Marks a bitmap not to be stored at the next store (migration, pending remove).
+    pub fn set_skip_store(&self, id: BitmapId, skip: bool) -> Result<(), BitmapError> {
+        self.lock().get_mut(id)?.skip_store = skip;
+        Ok(())
+    }
+
+    /// Marks a persistent bitmap inconsistent (found in use on disk): it is disabled and
+    /// only removal works on it. A transient bitmap cannot be inconsistent.
+    pub fn set_inconsistent(&self, id: BitmapId) -> Result<(), BitmapError> {
+        let mut inner = self.lock();
+        let bitmap = inner.get_mut(id)?;
+        debug_assert!(bitmap.persistent, "only persistent bitmaps can be inconsistent");
+        bitmap.persistent = true;
+        bitmap.inconsistent = true;
+        bitmap.disabled = true;
+        Ok(())
+    }
+
+    /// Whether a bitmap is to be stored at the next store: persistent and not skipped.
+    pub fn will_store(&self, id: BitmapId) -> Result<bool, BitmapError> {
+        let inner = self.lock();
+        let bitmap = inner.get(id)?;
+        Ok(bitmap.persistent && !bitmap.skip_store)
+    }
+}
+
+/// A mutable and a shared reference to two different elements.
+fn pair_mut<T>(items: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    assert_ne!(a, b);
+    if a < b {
+        let (left, right) = items.split_at_mut(b);
+        (&mut left[a], &right[0])
+    } else {
+        let (left, right) = items.split_at_mut(a);
+        (&mut right[0], &left[b])
+    }
+}
