@@ -809,7 +809,11 @@ fn concurrent_writes_are_never_lost_across_freeze_and_reclaim() {
         .collect();
     let mut rounds = 0u64;
     while running.load(Ordering::SeqCst) > 0 || rounds < 100 {
-        let mode = if rounds % 2 == 0 { BitmapSyncMode::OnSuccess } else { BitmapSyncMode::Never };
+        let mode = if rounds.is_multiple_of(2) {
+            BitmapSyncMode::OnSuccess
+        } else {
+            BitmapSyncMode::Never
+        };
         node.create_successor(id).unwrap();
         std::thread::yield_now();
         node.settle_backup_bitmap(id, mode, JobOutcome::Failure, None).unwrap();
