@@ -40,7 +40,9 @@ impl std::fmt::Debug for HBitmap {
 
 impl PartialEq for HBitmap {
     fn eq(&self, other: &Self) -> bool {
-        self.size == other.size && self.granularity == other.granularity && self.words == other.words
+        self.size == other.size
+            && self.granularity == other.granularity
+            && self.words == other.words
     }
 }
 
@@ -54,11 +56,34 @@ pub(crate) fn groups(items: u64, granularity: u32) -> u64 {
 
 pub(crate) fn zeroed_words(n: usize) -> Result<Vec<u64>, HBitmapError> {
     let mut words = Vec::new();
-    words
-        .try_reserve_exact(n)
-        .map_err(|_| HBitmapError::Allocation { bytes: n as u64 * 8 })?;
+    words.try_reserve_exact(n).map_err(|_| HBitmapError::Allocation { bytes: n as u64 * 8 })?;
+    advise_huge_pages(&words);
     words.resize(n, 0);
     Ok(words)
+}
+
+/// Asks the kernel to back a large word array with huge pages, before it is touched: a
+/// write to a random place of a bitmap of tens of MiB otherwise pays a page-table walk
+/// on top of the cache miss. Advice only; failure changes nothing.
+fn advise_huge_pages(words: &Vec<u64>) {
+    const HUGE: usize = 2 << 20;
+    let bytes = words.capacity() * 8;
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = words.as_ptr() as usize;
+    let aligned = start.next_multiple_of(HUGE);
+    let len = (start + bytes - aligned) / HUGE * HUGE;
+    // SAFETY: [aligned, aligned + len) lies inside the vector's allocation, which this
+    // process owns for the vector's life; MADV_HUGEPAGE changes no contents, only how
+    // the kernel backs the pages.
+    let _ = unsafe {
+        rustix::mm::madvise(
+            aligned as *mut std::ffi::c_void,
+            len,
+            rustix::mm::Advice::LinuxHugepage,
+        )
+    };
 }
 
 /// Words of the bottom level for `nbits` bits: at least one.

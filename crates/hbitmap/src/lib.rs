@@ -15,6 +15,12 @@
 //!   by the bitmap's size or a run's length.
 //! - `merge` of equal granularities: one pass over both arrays.
 //! - Memory: the bits, plus 1/2048 of them for the two summaries.
+//!
+//! Deliberate differences from QEMU, where QEMU would assert or keep stray bits:
+//! - `set` refuses a range that ends past the size (QEMU accepts one that ends inside the
+//!   last group), and `get` past the size is false;
+//! - deserializing never sets the padding bits past the end of the last word (QEMU's
+//!   `deserialize_ones` can, and then hashes them).
 
 #![deny(missing_docs)]
 

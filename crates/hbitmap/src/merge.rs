@@ -63,7 +63,9 @@ impl HBitmap {
 fn or_block(dst: &mut [u64], src: &[u64], count: &mut u64) -> (u64, u64) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("popcnt")
+        {
             // SAFETY: the CPU supports AVX2 and POPCNT, checked just above.
             return unsafe { or_block_avx2(dst, src, count) };
         }

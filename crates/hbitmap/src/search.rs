@@ -53,11 +53,7 @@ impl HBitmap {
             return Ok((false, 0));
         }
         let dirty = self.get(start);
-        let run_end = if dirty {
-            self.next_clean(start, end)
-        } else {
-            self.next_dirty(start, end)
-        };
+        let run_end = if dirty { self.next_clean(start, end) } else { self.next_dirty(start, end) };
         Ok((dirty, run_end.unwrap_or(end) - start))
     }
 

@@ -48,7 +48,12 @@ impl HBitmap {
     /// Reads items `[start, start + len)` from `buf` (the inverse of
     /// [`serialize_part`](Self::serialize_part)). Bits past the end of the bitmap are
     /// ignored, so they can never be set in memory.
-    pub fn deserialize_part(&mut self, buf: &[u8], start: u64, len: u64) -> Result<(), HBitmapError> {
+    pub fn deserialize_part(
+        &mut self,
+        buf: &[u8],
+        start: u64,
+        len: u64,
+    ) -> Result<(), HBitmapError> {
         let words = self.chunk_words(start, len)?;
         check_buffer(buf.len(), words.len())?;
         self.replace_words(words, |i| {

@@ -170,45 +170,72 @@ impl Summary {
         if start >= nbits {
             return None;
         }
-        let found = self.find_at(0, Lower::Bottom { words, nbits, track }, start)?;
+        let found = self.find_bottom(words, nbits, track, start)?;
         (found < nbits).then_some(found)
     }
 
-    fn lower_at<'a>(&'a self, depth: usize, bottom: Lower<'a>) -> Lower<'a> {
-        if depth == 0 { bottom } else { Lower::Summary(&self.levels[depth - 1]) }
-    }
-
-    fn find_at(&self, depth: usize, bottom: Lower<'_>, start: u64) -> Option<u64> {
-        let lower = self.lower_at(depth, bottom);
-        let len = lower.len();
-        let w = usize::try_from(start / 64).ok()?;
-        if w >= len {
-            return None;
-        }
-        let first = lower.word(w) & (u64::MAX << (start % 64));
+    /// [`find`](Self::find) on the bottom level, `start < nbits`. The bottom words are
+    /// read directly (not through a [`Lower`], which costs a copy per call): most
+    /// searches end in the block of `start`, and only a miss there climbs the summary.
+    fn find_bottom(&self, words: &[u64], nbits: u64, track: Track, start: u64) -> Option<u64> {
+        let hit = |i: usize| {
+            let m = interest(track, words, nbits, i);
+            (m != 0).then(|| i as u64 * 64 + u64::from(m.trailing_zeros()))
+        };
+        // start < nbits <= 2^41, so the word index fits.
+        let w = (start / 64) as usize;
+        let first = interest(track, words, nbits, w) & (u64::MAX << (start % 64));
         if first != 0 {
             return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
         }
         let block = w / BLOCK_WORDS;
-        let block_end = ((block + 1) * BLOCK_WORDS).min(len);
-        if let Some(hit) = scan(lower, w + 1..block_end) {
+        let block_end = ((block + 1) * BLOCK_WORDS).min(words.len());
+        if let Some(found) = (w + 1..block_end).find_map(hit) {
+            return Some(found);
+        }
+        if self.levels.is_empty() {
+            // The bottom level is a single block, just scanned.
+            return None;
+        }
+        let next_block = usize::try_from(self.find_in_level(0, block as u64 + 1)?).ok()?;
+        let start = next_block * BLOCK_WORDS;
+        let found = (start..(start + BLOCK_WORDS).min(words.len())).find_map(hit);
+        debug_assert!(found.is_some(), "summary bit set for a block without interest");
+        found
+    }
+
+    /// The first set bit at or after `start` in summary level `k`, climbing to the levels
+    /// above to skip the blocks that have none.
+    fn find_in_level(&self, k: usize, start: u64) -> Option<u64> {
+        let level = &self.levels[k];
+        let w = usize::try_from(start / 64).ok()?;
+        if w >= level.len() {
+            return None;
+        }
+        let first = level[w] & (u64::MAX << (start % 64));
+        if first != 0 {
+            return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
+        }
+        let block = w / BLOCK_WORDS;
+        let block_end = ((block + 1) * BLOCK_WORDS).min(level.len());
+        if let Some(hit) = scan(level, w + 1..block_end) {
             return Some(hit);
         }
-        if depth == self.levels.len() {
+        if k + 1 == self.levels.len() {
             // The top level has at most one block, which was just scanned.
             return None;
         }
-        let next_block = usize::try_from(self.find_at(depth + 1, bottom, block as u64 + 1)?).ok()?;
+        let next_block = usize::try_from(self.find_in_level(k + 1, block as u64 + 1)?).ok()?;
         let start = next_block * BLOCK_WORDS;
-        let hit = scan(lower, start..(start + BLOCK_WORDS).min(len));
+        let hit = scan(level, start..(start + BLOCK_WORDS).min(level.len()));
         debug_assert!(hit.is_some(), "summary bit set for a block without interest");
         hit
     }
 }
 
-fn scan(lower: Lower<'_>, range: std::ops::Range<usize>) -> Option<u64> {
+fn scan(level: &[u64], range: std::ops::Range<usize>) -> Option<u64> {
     for i in range {
-        let m = lower.word(i);
+        let m = level[i];
         if m != 0 {
             return Some(i as u64 * 64 + u64::from(m.trailing_zeros()));
         }
