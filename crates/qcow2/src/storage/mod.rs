@@ -1,0 +1,44 @@
+//! Positional storage under an image: a file, or memory.
+
+use std::io;
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemStorage;
+
+/// Positional I/O on the bytes under an image. Implementations are shared between
+/// threads; each call is independent (no cursor).
+///
+/// Reads past the end of the storage return zeroes for the part past the end, as a
+/// file's holes do; callers that must not read there check [`len`](Storage::len).
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes everything written so far durable (`fdatasync` for a file).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Deallocates `[offset, offset + len)` (punch a hole); the range then reads as
+    /// zeroes. The length of the storage does not change.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeroes, allocating it where that is
+    /// cheaper than writing; grows the storage if the range reaches past the end.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Truncates or extends (with zeroes) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
