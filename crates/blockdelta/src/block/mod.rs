@@ -1,3 +1,8 @@
-//! Block nodes and what hangs off them: so far, their dirty bitmaps.
+//! Block nodes, the graph that names them, and their dirty bitmaps.
 
 pub mod dirty_bitmap;
+pub mod file;
+pub mod graph;
+pub mod node;
+pub mod options;
+pub mod raw;

@@ -1,0 +1,192 @@
+//! The block graph: nodes by name, opened from `--blockdev` / `blockdev-add` options.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use qcow2::storage::FileStorage;
+use serde_json::Value;
+
+use super::file::FileDriver;
+use super::node::{BlockDriver, DetectZeroes, Node, NodeOptions};
+use super::options::{OptionsError, OptionsReader, Syntax, parse_keyval_or_json, valid_node_name};
+use super::raw::RawDriver;
+
+/// Why a node could not be added. `Display` is QEMU's text where it has one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GraphError {
+    /// The options were refused.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// A referenced node does not exist.
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NodeNotFound(String),
+    /// The node name is taken.
+    #[error("Duplicate nodes with node-name='{0}'")]
+    Duplicate(String),
+    /// A file could not be opened.
+    #[error("Could not open '{path}': {}", strerror(source))]
+    Open {
+        /// The file.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The driver refused to open the node.
+    #[error("{0}")]
+    Driver(String),
+}
+
+/// An OS error's text without Rust's ` (os error N)` suffix, as QEMU prints `strerror`.
+fn strerror(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// The nodes of a daemon, by node name.
+#[derive(Debug, Default)]
+pub struct BlockGraph {
+    nodes: Mutex<BTreeMap<String, Arc<Node>>>,
+    next_auto_name: AtomicU64,
+}
+
+impl BlockGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The node named `name`.
+    pub fn find(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// All nodes, in name order.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// Adds a node from a `--blockdev` argument (key=value or JSON).
+    pub fn add_from_str(&self, text: &str) -> Result<Arc<Node>, GraphError> {
+        let (value, syntax) = parse_keyval_or_json(text)?;
+        self.add(value, syntax)
+    }
+
+    /// Adds a node (and its nested children) from options; the root needs a node name.
+    pub fn add(&self, options: Value, syntax: Syntax) -> Result<Arc<Node>, GraphError> {
+        self.open(options, syntax, "", None)
+    }
+
+    fn open(
+        &self,
+        options: Value,
+        syntax: Syntax,
+        prefix: &str,
+        inherited_read_only: Option<bool>,
+    ) -> Result<Arc<Node>, GraphError> {
+        let mut r = OptionsReader::new(options, prefix, syntax)?;
+        let driver = r.require_str("driver")?;
+        if !["file", "raw"].contains(&driver.as_str()) {
+            return Err(OptionsError::BadValue { key: r.path("driver"), value: driver }.into());
+        }
+        let name = match r.take_str("node-name")? {
+            Some(name) if !valid_node_name(&name) => {
+                return Err(OptionsError::InvalidNodeName(name).into());
+            }
+            Some(name) => name,
+            None if prefix.is_empty() => {
+                return Err(GraphError::Driver(
+                    "'node-name' must be specified for the root node".into(),
+                ));
+            }
+            None => format!("#block{:03}", self.next_auto_name.fetch_add(1, Ordering::Relaxed) + 1),
+        };
+        if self.find(&name).is_some() {
+            return Err(GraphError::Duplicate(name));
+        }
+        let options = common_options(&mut r, inherited_read_only)?;
+        let (driver, children): (Box<dyn BlockDriver>, Vec<Arc<Node>>) = match driver.as_str() {
+            "file" => {
+                let filename = r.require_str("filename")?;
+                let storage = FileStorage::open(Path::new(&filename), !options.read_only)
+                    .map_err(|source| GraphError::Open { path: filename.clone(), source })?;
+                let driver = FileDriver::new(Arc::new(storage))
+                    .map_err(|source| GraphError::Open { path: filename, source })?;
+                (Box::new(driver), Vec::new())
+            }
+            _ => {
+                let offset = r.take_u64("offset")?.unwrap_or(0);
+                let size = r.take_u64("size")?;
+                let file = self.child(&mut r, "file", syntax, options.read_only)?;
+                let driver =
+                    RawDriver::new(file.clone(), offset, size).map_err(GraphError::Driver)?;
+                (Box::new(driver), vec![file])
+            }
+        };
+        r.finish()?;
+        let node = Arc::new(Node::new(&name, driver, options, children));
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if nodes.contains_key(&name) {
+            return Err(GraphError::Duplicate(name));
+        }
+        nodes.insert(name, node.clone());
+        Ok(node)
+    }
+
+    /// A child given as a node name or as nested options.
+    fn child(
+        &self,
+        r: &mut OptionsReader,
+        key: &str,
+        syntax: Syntax,
+        read_only: bool,
+    ) -> Result<Arc<Node>, GraphError> {
+        match r.take_value(key) {
+            None => Err(OptionsError::Missing(r.path(key)).into()),
+            Some(Value::String(name)) => self.find(&name).ok_or(GraphError::NodeNotFound(name)),
+            Some(nested) => self.open(nested, syntax, &r.path(key), Some(read_only)),
+        }
+    }
+}
+
+/// The options every driver takes.
+fn common_options(
+    r: &mut OptionsReader,
+    inherited_read_only: Option<bool>,
+) -> Result<NodeOptions, GraphError> {
+    let read_only = r.take_bool("read-only")?.or(inherited_read_only).unwrap_or(false);
+    let discard_unmap = match r.take_enum("discard", &["ignore", "off", "unmap", "on"])? {
+        Some(d) => d == "unmap" || d == "on",
+        None => false,
+    };
+    let detect_zeroes = match r.take_enum("detect-zeroes", &["off", "on", "unmap"])?.as_deref() {
+        Some("on") => DetectZeroes::On,
+        Some("unmap") => DetectZeroes::Unmap,
+        _ => DetectZeroes::Off,
+    };
+    if detect_zeroes == DetectZeroes::Unmap && !discard_unmap {
+        return Err(OptionsError::Conflict(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                .into(),
+        )
+        .into());
+    }
+    let mut no_flush = false;
+    if let Some(cache) = r.take_value("cache") {
+        let mut c = OptionsReader::new(cache, &r.path("cache"), r.syntax())?;
+        // O_DIRECT belongs to the file storage; accepted here, applied there later.
+        let _direct = c.take_bool("direct")?;
+        no_flush = c.take_bool("no-flush")?.unwrap_or(false);
+        c.finish()?;
+    }
+    for ignored in ["auto-read-only", "force-share"] {
+        r.take_bool(ignored)?;
+    }
+    Ok(NodeOptions { read_only, discard_unmap, detect_zeroes, no_flush })
+}

@@ -1,0 +1,307 @@
+//! Block nodes: a driver (file, raw, qcow2, ...) plus what every node has, its name,
+//! its dirty bitmaps and the write hook that feeds them.
+//!
+//! Drivers do synchronous positional I/O; [`Node`] runs it on tokio's blocking threads
+//! for async callers (the NBD server, jobs). Every write, write-zeroes and discard that
+//! reaches a node marks the node's enabled bitmaps once it has finished, whether it
+//! succeeded or not, exactly as QEMU does.
+
+use std::io;
+use std::sync::Arc;
+
+use super::dirty_bitmap::NodeBitmaps;
+
+/// What a range of a node holds, as block status reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// The range holds data (reads may return non-zero bytes).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// The range is allocated in this node (not read through to a backing node).
+    pub allocated: bool,
+    /// Allocation depth: 1 = this node, 2 = its backing node, ...; 0 = nowhere.
+    pub depth: u32,
+    /// Bytes from the start of the query that share this status (at least 1).
+    pub len: u64,
+}
+
+/// Options of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated rather than written.
+    pub may_unmap: bool,
+    /// Make the write durable before completing (forced unit access).
+    pub fua: bool,
+}
+
+/// A block driver's synchronous I/O. Offsets and lengths are checked against
+/// [`len`](BlockDriver::len) by [`Node`] before they reach the driver.
+pub trait BlockDriver: Send + Sync {
+    /// The driver's name as QEMU spells it (`file`, `raw`, `qcow2`).
+    fn driver_name(&self) -> &'static str;
+
+    /// The node's length in bytes.
+    fn len(&self) -> u64;
+
+    /// Whether the node is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cluster size, for drivers that have one (sets the default bitmap granularity).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes `buf` at `offset`; with `fua`, durably.
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()>;
+
+    /// Deallocates a range (contents then unspecified, zeroes where possible).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes all completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// The status of the range at `offset`, at most `len` bytes of it.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus>;
+}
+
+/// `detect-zeroes`: whether writes of all-zero buffers become write-zeroes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Write the buffer as given.
+    #[default]
+    Off,
+    /// Turn all-zero writes into write-zeroes.
+    On,
+    /// Turn them into write-zeroes that may deallocate (needs `discard=unmap`).
+    Unmap,
+}
+
+/// The options every node has, whatever its driver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// `discard=unmap`: pass discards down (otherwise they are ignored, as QEMU's
+    /// default `discard=ignore`).
+    pub discard_unmap: bool,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// `cache.no-flush`: flushes do nothing.
+    pub no_flush: bool,
+}
+
+/// A node of the block graph.
+pub struct Node {
+    name: String,
+    driver: Box<dyn BlockDriver>,
+    bitmaps: NodeBitmaps,
+    options: NodeOptions,
+    children: Vec<Arc<Node>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.driver_name())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+impl Node {
+    /// A node named `name` over `driver`; `children` are the nodes the driver uses (for
+    /// queries and lifetime).
+    pub fn new(
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        options: NodeOptions,
+        children: Vec<Arc<Node>>,
+    ) -> Self {
+        let bitmaps = NodeBitmaps::new(name, driver.len(), driver.cluster_size(), None);
+        Node { name: name.to_string(), driver, bitmaps, options, children }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver's name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.driver_name()
+    }
+
+    /// Whether the node was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    /// The options common to all drivers.
+    pub fn options(&self) -> NodeOptions {
+        self.options
+    }
+
+    /// The node's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.driver.len()
+    }
+
+    /// Whether the node is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &NodeBitmaps {
+        &self.bitmaps
+    }
+
+    /// The nodes this one uses.
+    pub fn children(&self) -> &[Arc<Node>] {
+        &self.children
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(invalid(format!(
+                "request of {len} bytes at {offset} is past the end of node '{}' ({} bytes)",
+                self.name,
+                self.len()
+            ))),
+        }
+    }
+
+    /// Refuses writes to a read-only node, and to a node with a readonly bitmap (EPERM,
+    /// as QEMU).
+    fn check_writable(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.options.read_only || self.bitmaps.has_readonly() {
+            return Err(io::Error::from_raw_os_error(rustix::io::Errno::PERM.raw_os_error()));
+        }
+        self.check_range(offset, len)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (blocking).
+    pub fn read_blocking(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.driver.read(buf, offset)
+    }
+
+    /// Writes `buf` at `offset` (blocking), then marks the bitmaps. With
+    /// `detect-zeroes`, an all-zero buffer is written as zeroes.
+    pub fn write_blocking(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.check_writable(offset, buf.len() as u64)?;
+        let zeroes = self.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
+        let result = if zeroes {
+            let may_unmap = self.options.detect_zeroes == DetectZeroes::Unmap;
+            self.driver.write_zeroes(offset, buf.len() as u64, ZeroFlags { may_unmap, fua })
+        } else {
+            self.driver.write(buf, offset, fua)
+        };
+        self.bitmaps.set_dirty(offset, buf.len() as u64);
+        result
+    }
+
+    /// Write-zeroes (blocking), then marks the bitmaps.
+    pub fn write_zeroes_blocking(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.check_writable(offset, len)?;
+        let flags = ZeroFlags { may_unmap: flags.may_unmap && self.options.discard_unmap, ..flags };
+        let result = self.driver.write_zeroes(offset, len, flags);
+        self.bitmaps.set_dirty(offset, len);
+        result
+    }
+
+    /// Discard (blocking), then marks the bitmaps. Without `discard=unmap` the request
+    /// is ignored: nothing changes, so nothing is recorded (QEMU 10.0.2 behaves so).
+    pub fn discard_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable(offset, len)?;
+        if !self.options.discard_unmap {
+            return Ok(());
+        }
+        let result = self.driver.discard(offset, len);
+        self.bitmaps.set_dirty(offset, len);
+        result
+    }
+
+    /// Flush (blocking).
+    pub fn flush_blocking(&self) -> io::Result<()> {
+        if self.options.no_flush { Ok(()) } else { self.driver.flush() }
+    }
+
+    /// Block status (blocking).
+    pub fn block_status_blocking(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        if len == 0 {
+            return Err(invalid("block status of an empty range".into()));
+        }
+        self.check_range(offset, len)?;
+        self.driver.block_status(offset, len)
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let node = self.clone();
+        blocking(move || {
+            let mut buf = vec![0u8; len];
+            node.read_blocking(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Writes `buf` at `offset`; with `fua`, durably.
+    pub async fn write(self: &Arc<Self>, buf: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+        let node = self.clone();
+        blocking(move || node.write_blocking(&buf, offset, fua)).await
+    }
+
+    /// Makes a range read as zeroes.
+    pub async fn write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> io::Result<()> {
+        let node = self.clone();
+        blocking(move || node.write_zeroes_blocking(offset, len, flags)).await
+    }
+
+    /// Deallocates a range.
+    pub async fn discard(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        let node = self.clone();
+        blocking(move || node.discard_blocking(offset, len)).await
+    }
+
+    /// Makes completed writes durable.
+    pub async fn flush(self: &Arc<Self>) -> io::Result<()> {
+        let node = self.clone();
+        blocking(move || node.flush_blocking()).await
+    }
+
+    /// The status of the range at `offset`.
+    pub async fn block_status(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let node = self.clone();
+        blocking(move || node.block_status_blocking(offset, len)).await
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("block I/O task failed: {e}")))?
+}

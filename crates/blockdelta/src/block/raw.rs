@@ -1,0 +1,72 @@
+//! The `raw` format driver: a window (`offset`, `size`) onto its child node.
+
+use std::io;
+use std::sync::Arc;
+
+use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
+
+/// The raw format over a child node.
+pub struct RawDriver {
+    child: Arc<Node>,
+    offset: u64,
+    size: u64,
+}
+
+impl RawDriver {
+    /// A window of `size` bytes at `offset` of `child` (the whole child by default).
+    pub fn new(child: Arc<Node>, offset: u64, size: Option<u64>) -> Result<Self, String> {
+        let child_len = child.len();
+        if offset > child_len {
+            return Err(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({child_len})"
+            ));
+        }
+        let size = match size {
+            Some(size) if size % 512 != 0 => {
+                return Err("Specified size is not multiple of 512".into());
+            }
+            Some(size) if offset.checked_add(size).is_none_or(|end| end > child_len) => {
+                return Err(format!(
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the actual size of the containing file ({child_len})"
+                ));
+            }
+            Some(size) => size,
+            None => child_len - offset,
+        };
+        Ok(RawDriver { child, offset, size })
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.child.read_blocking(buf, self.offset + offset)
+    }
+
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.child.write_blocking(buf, self.offset + offset, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.child.write_zeroes_blocking(self.offset + offset, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.child.discard_blocking(self.offset + offset, len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.child.flush_blocking()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.child.block_status_blocking(self.offset + offset, len)
+    }
+}
