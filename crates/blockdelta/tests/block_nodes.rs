@@ -128,8 +128,9 @@ async fn readonly_bitmaps_and_read_only_nodes_refuse_writes_with_eperm() {
     assert_eq!(count(&disk, "ro"), 0);
     disk.bitmaps().set_readonly(id, false).unwrap();
     disk.write(vec![1; 512], 0, false).await.unwrap();
+    // A second node on the same file: without locking=off it would conflict, as in QEMU.
     let ro = graph
-        .add_from_str(&format!("driver=file,node-name=r,filename={img},read-only=on"))
+        .add_from_str(&format!("driver=file,node-name=r,filename={img},read-only=on,locking=off"))
         .unwrap();
     assert_eq!(ro.write(vec![1; 512], 0, false).await.unwrap_err().raw_os_error(), Some(1));
     assert_eq!(ro.read(0, 512).await.unwrap(), vec![1; 512]);
@@ -142,9 +143,10 @@ async fn discard_is_recorded_only_when_passed_down() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, 4 * MIB);
     let graph = BlockGraph::new();
-    let ignore = graph.add_from_str(&format!("driver=file,node-name=i,filename={img}")).unwrap();
+    let ignore =
+        graph.add_from_str(&format!("driver=file,node-name=i,filename={img},locking=off")).unwrap();
     let unmap = graph
-        .add_from_str(&format!("driver=file,node-name=u,filename={img},discard=unmap"))
+        .add_from_str(&format!("driver=file,node-name=u,filename={img},discard=unmap,locking=off"))
         .unwrap();
     for node in [&ignore, &unmap] {
         add_bitmap(node, "b");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use qcow2::storage::FileStorage;
+use qcow2::storage::{FileOptions, Locking};
 use serde_json::Value;
 
 use super::file::FileDriver;
@@ -42,7 +42,10 @@ pub enum GraphError {
 
 /// An OS error's text without Rust's ` (os error N)` suffix, as QEMU prints `strerror`.
 fn strerror(e: &io::Error) -> String {
-    let text = e.to_string();
+    let text = match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code).to_string(),
+        None => e.to_string(),
+    };
     match text.find(" (os error ") {
         Some(i) => text[..i].to_string(),
         None => text,
@@ -80,7 +83,7 @@ impl BlockGraph {
 
     /// Adds a node (and its nested children) from options; the root needs a node name.
     pub fn add(&self, options: Value, syntax: Syntax) -> Result<Arc<Node>, GraphError> {
-        self.open(options, syntax, "", None)
+        self.open(options, syntax, "", Inherited::default())
     }
 
     fn open(
@@ -88,7 +91,7 @@ impl BlockGraph {
         options: Value,
         syntax: Syntax,
         prefix: &str,
-        inherited_read_only: Option<bool>,
+        inherited: Inherited,
     ) -> Result<Arc<Node>, GraphError> {
         let mut r = OptionsReader::new(options, prefix, syntax)?;
         let driver = r.require_str("driver")?;
@@ -110,11 +113,22 @@ impl BlockGraph {
         if self.find(&name).is_some() {
             return Err(GraphError::Duplicate(name));
         }
-        let options = common_options(&mut r, inherited_read_only)?;
+        let (options, direct) = common_options(&mut r, inherited)?;
+        // Every option is taken and checked before anything is opened, so a mistake in
+        // the options is reported as such and opens nothing.
         let (driver, children): (Box<dyn BlockDriver>, Vec<Arc<Node>>) = match driver.as_str() {
             "file" => {
                 let filename = r.require_str("filename")?;
-                let storage = FileStorage::open(Path::new(&filename), !options.read_only)
+                let locking = match r.take_enum("locking", &["auto", "on", "off"])?.as_deref() {
+                    Some("off") => Locking::Off,
+                    _ => Locking::Auto,
+                };
+                r.finish()?;
+                let storage = FileOptions::new()
+                    .write(!options.read_only)
+                    .direct(direct)
+                    .locking(locking)
+                    .open(Path::new(&filename))
                     .map_err(|source| GraphError::Open { path: filename.clone(), source })?;
                 let driver = FileDriver::new(Arc::new(storage))
                     .map_err(|source| GraphError::Open { path: filename, source })?;
@@ -123,13 +137,18 @@ impl BlockGraph {
             _ => {
                 let offset = r.take_u64("offset")?.unwrap_or(0);
                 let size = r.take_u64("size")?;
-                let file = self.child(&mut r, "file", syntax, options.read_only)?;
+                let file =
+                    r.take_value("file").ok_or_else(|| OptionsError::Missing(r.path("file")))?;
+                let file_path = r.path("file");
+                r.finish()?;
+                let inherit =
+                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let file = self.child(file, &file_path, syntax, inherit)?;
                 let driver =
                     RawDriver::new(file.clone(), offset, size).map_err(GraphError::Driver)?;
                 (Box::new(driver), vec![file])
             }
         };
-        r.finish()?;
         let node = Arc::new(Node::new(&name, driver, options, children));
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         if nodes.contains_key(&name) {
@@ -139,28 +158,34 @@ impl BlockGraph {
         Ok(node)
     }
 
-    /// A child given as a node name or as nested options.
+    /// A child given as a node name or as nested options (`path` is its dotted key).
     fn child(
         &self,
-        r: &mut OptionsReader,
-        key: &str,
+        value: Value,
+        path: &str,
         syntax: Syntax,
-        read_only: bool,
+        inherited: Inherited,
     ) -> Result<Arc<Node>, GraphError> {
-        match r.take_value(key) {
-            None => Err(OptionsError::Missing(r.path(key)).into()),
-            Some(Value::String(name)) => self.find(&name).ok_or(GraphError::NodeNotFound(name)),
-            Some(nested) => self.open(nested, syntax, &r.path(key), Some(read_only)),
+        match value {
+            Value::String(name) => self.find(&name).ok_or(GraphError::NodeNotFound(name)),
+            nested => self.open(nested, syntax, path, inherited),
         }
     }
 }
 
-/// The options every driver takes.
+/// What a nested child takes from its parent unless it says otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+struct Inherited {
+    read_only: Option<bool>,
+    direct: Option<bool>,
+}
+
+/// The options every driver takes, and whether `cache.direct` asks for O_DIRECT.
 fn common_options(
     r: &mut OptionsReader,
-    inherited_read_only: Option<bool>,
-) -> Result<NodeOptions, GraphError> {
-    let read_only = r.take_bool("read-only")?.or(inherited_read_only).unwrap_or(false);
+    inherited: Inherited,
+) -> Result<(NodeOptions, bool), GraphError> {
+    let read_only = r.take_bool("read-only")?.or(inherited.read_only).unwrap_or(false);
     let discard_unmap = match r.take_enum("discard", &["ignore", "off", "unmap", "on"])? {
         Some(d) => d == "unmap" || d == "on",
         None => false,
@@ -177,16 +202,15 @@ fn common_options(
         )
         .into());
     }
-    let mut no_flush = false;
+    let (mut no_flush, mut direct) = (false, inherited.direct.unwrap_or(false));
     if let Some(cache) = r.take_value("cache") {
         let mut c = OptionsReader::new(cache, &r.path("cache"), r.syntax())?;
-        // O_DIRECT belongs to the file storage; accepted here, applied there later.
-        let _direct = c.take_bool("direct")?;
+        direct = c.take_bool("direct")?.unwrap_or(direct);
         no_flush = c.take_bool("no-flush")?.unwrap_or(false);
         c.finish()?;
     }
     for ignored in ["auto-read-only", "force-share"] {
         r.take_bool(ignored)?;
     }
-    Ok(NodeOptions { read_only, discard_unmap, detect_zeroes, no_flush })
+    Ok((NodeOptions { read_only, discard_unmap, detect_zeroes, no_flush }, direct))
 }

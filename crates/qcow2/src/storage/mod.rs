@@ -1,12 +1,17 @@
 //! Positional storage under an image: a file, or memory.
 
 use std::io;
+use std::sync::Arc;
 
 mod file;
+mod lock;
 mod memory;
 
-pub use file::FileStorage;
-pub use memory::MemStorage;
+pub use file::{FileOptions, FileStorage};
+pub use lock::{
+    ConflictKind, LockConflict, Locking, PERM_LOCK_BASE, Permission, Permissions, SHARED_LOCK_BASE,
+};
+pub use memory::{Entry, History, MemStorage, Op, SECTOR_SIZE, Survivors};
 
 /// Positional I/O on the bytes under an image. Implementations are shared between
 /// threads; each call is independent (no cursor).
@@ -42,3 +47,46 @@ pub trait Storage: Send + Sync {
     /// Truncates or extends (with zeroes) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
+
+/// Forwards every method, so that shared (`Arc<MemStorage>`: a crash test keeps a handle
+/// while an image owns the storage), boxed (`Box<dyn Storage>`) and borrowed storage can
+/// be used wherever a `Storage` is expected.
+macro_rules! forward_storage {
+    ($($ty:ty),*) => {$(
+        impl<S: Storage + ?Sized> Storage for $ty {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+
+            fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).discard(offset, len)
+            }
+
+            fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+
+            fn is_empty(&self) -> io::Result<bool> {
+                (**self).is_empty()
+            }
+
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+        }
+    )*};
+}
+
+forward_storage!(&S, Box<S>, Arc<S>);
