@@ -9,7 +9,7 @@ use blockdelta::block::dirty_bitmap::{AddBitmap, NodeBitmaps};
 use hbitmap::HBitmap;
 use testkit::qsd::StorageDaemon;
 use testkit::serde_json::json;
-use testkit::{nbd_unix_uri, qemu_img, qemu_io};
+use testkit::{SplitMix64, nbd_unix_uri, qemu_img, qemu_io};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -222,24 +222,6 @@ fn single_bit_tail_word_raw() {
     }
 }
 
-/// SplitMix64, so the "random" writes are the same on every run.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `1..=max` (max is small, so the modulo bias does not matter).
-    fn up_to(&mut self, max: u64) -> u64 {
-        self.next() % max + 1
-    }
-}
-
 /// 100 MiB + 471.5 KiB: bit counts not multiples of 64, partial last granules.
 const RANDOM_SIZE: u64 = 100 * MIB + 7 * 64 * KIB + 3 * 4 * KIB + 3 * 512;
 
@@ -248,9 +230,9 @@ fn random_writes(seed: u64, count: usize, size: u64) -> Vec<(u64, u64)> {
     (0..count)
         .map(|_| {
             let len = match rng.next() % 10 {
-                0..=5 => rng.up_to(8 * KIB),
-                6..=8 => rng.up_to(256 * KIB),
-                _ => rng.up_to(4 * MIB),
+                0..=5 => 1 + rng.up_to(8 * KIB - 1),
+                6..=8 => 1 + rng.up_to(256 * KIB - 1),
+                _ => 1 + rng.up_to(4 * MIB - 1),
             };
             let offset = rng.next() % (size - len + 1);
             if rng.next().is_multiple_of(8) {

@@ -293,23 +293,7 @@ impl<'a> Queries<'a> {
 // Random helpers
 // ---------------------------------------------------------------------------------------
 
-/// splitmix64: a small deterministic generator for the samples of a check.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n]`.
-    fn upto(&mut self, n: u64) -> u64 {
-        if n == u64::MAX { self.next() } else { self.next() % (n + 1) }
-    }
-}
+use testkit::SplitMix64 as Rng;
 
 /// A position recipe, resolved against a size and granularity into `[0, size]`.
 #[derive(Clone, Copy, Debug)]
@@ -629,12 +613,12 @@ fn apply(bm: &mut HBitmap, m: &mut Model, op: &Op, cap: u64) {
                     break;
                 }
                 let (got, want) = if *set {
-                    let start = rng.upto(size - 1);
-                    let len = (1 + rng.upto(spread - 1)).min(size - start);
+                    let start = rng.up_to(size - 1);
+                    let len = (1 + rng.up_to(spread - 1)).min(size - start);
                     (bm.set(start, len), m.set(start, len))
                 } else {
-                    let start = rng.upto(size - 1) >> g << g;
-                    let len = unit(1 + rng.upto(spread - 1), g).min(size - start);
+                    let start = rng.up_to(size - 1) >> g << g;
+                    let len = unit(1 + rng.up_to(spread - 1), g).min(size - start);
                     (bm.reset(start, len), m.reset(start, len))
                 };
                 assert_eq!(got, want, "{op:?}");
@@ -690,17 +674,17 @@ fn check(bm: &HBitmap, m: &Model, seed: u64, samples: usize) {
         for unit in UNIT_BITS.map(|u| unit(u, g)) {
             let n = size / unit;
             for _ in 0..4 {
-                let base = rng.upto(n) * unit;
+                let base = rng.up_to(n) * unit;
                 points.extend([base.saturating_sub(1), base, base + 1].map(|p| p.min(size)));
             }
         }
         for _ in 0..samples {
-            points.push(rng.upto(size));
+            points.push(rng.up_to(size));
         }
         let picked: Vec<usize> = if q.runs.len() <= samples / 4 {
             (0..q.runs.len()).collect()
         } else {
-            (0..samples / 4).map(|_| rng.upto(q.runs.len() as u64 - 1) as usize).collect()
+            (0..samples / 4).map(|_| rng.up_to(q.runs.len() as u64 - 1) as usize).collect()
         };
         for i in picked {
             let r = &q.runs[i];
@@ -711,11 +695,11 @@ fn check(bm: &HBitmap, m: &Model, seed: u64, samples: usize) {
     for &p in &points {
         assert_eq!(bm.get(p), m.get(p), "get({p})");
         let span = unit(3 * 64, g);
-        let ends = [size, u64::MAX, p, p + 1, p.saturating_add(1 + rng.upto(span))];
+        let ends = [size, u64::MAX, p, p + 1, p.saturating_add(1 + rng.up_to(span))];
         for e in ends {
             assert_eq!(bm.next_dirty(p, e), q.next_dirty(p, e), "next_dirty({p}, {e})");
             assert_eq!(bm.next_clean(p, e), q.next_clean(p, e), "next_clean({p}, {e})");
-            for max in [1, 1 + rng.upto(span), u64::MAX] {
+            for max in [1, 1 + rng.up_to(span), u64::MAX] {
                 assert_eq!(
                     bm.next_dirty_area(p, e, max),
                     q.next_dirty_area(p, e, max),
@@ -725,7 +709,7 @@ fn check(bm: &HBitmap, m: &Model, seed: u64, samples: usize) {
         }
         assert_eq!(bm.next_dirty_area(p, size, 0), None);
         let rest = size - p.min(size);
-        for len in [0, 1, rest, rng.upto(rest), rest + 1, u64::MAX] {
+        for len in [0, 1, rest, rng.up_to(rest), rest + 1, u64::MAX] {
             assert_eq!(bm.status(p, len), q.status(p, len), "status({p}, {len})");
         }
     }
@@ -737,16 +721,16 @@ fn check(bm: &HBitmap, m: &Model, seed: u64, samples: usize) {
 
     // Clipped run iteration over a few ranges.
     for _ in 0..6 {
-        let a = rng.upto(size + 2);
+        let a = rng.up_to(size + 2);
         let b = if rng.next().is_multiple_of(2) {
-            a.saturating_add(rng.upto(unit(4 * 64, g)))
+            a.saturating_add(rng.up_to(unit(4 * 64, g)))
         } else {
-            rng.upto(size + 2)
+            rng.up_to(size + 2)
         };
         let got: Vec<Range<u64>> = bm.dirty_runs_in(a..b).collect();
         assert_eq!(got, q.runs_in(a..b), "dirty_runs_in({a}..{b})");
     }
-    let from = rng.upto(size);
+    let from = rng.up_to(size);
     let got: Vec<Range<u64>> = bm.dirty_runs(from).collect();
     assert_eq!(got, q.runs_in(from..u64::MAX), "dirty_runs({from})");
 }
@@ -914,7 +898,7 @@ proptest! {
         // Deserialize the chunks in a scrambled order into a fresh bitmap.
         let mut rng = Rng(seed);
         for i in (1..chunks.len()).rev() {
-            chunks.swap(i, rng.upto(i as u64) as usize);
+            chunks.swap(i, rng.up_to(i as u64) as usize);
         }
         for (start, len, buf) in &chunks {
             copy.deserialize_part(buf, *start, *len).unwrap();

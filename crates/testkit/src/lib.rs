@@ -36,8 +36,10 @@
 
 pub mod qmp;
 pub mod qsd;
+pub mod rng;
 mod tools;
 
+pub use rng::SplitMix64;
 pub use serde_json;
 pub use tools::{
     DEFAULT_RUN_TIMEOUT, find_tool, nbd_unix_uri, qemu_img, qemu_io, require_tool, run, run_timeout,
