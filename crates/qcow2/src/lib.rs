@@ -3,7 +3,26 @@
 //!
 //! The format is specified in QEMU's `docs/interop/qcow2.txt`; this crate implements it
 //! from that text and from QEMU's observed behaviour, never from QEMU's code.
+//!
+//! - [`Qcow2Image`]: open an image ([`Qcow2Image::open`] on any storage,
+//!   [`Qcow2Image::open_path`] for a file with its backing chain), read it, ask the
+//!   status of guest ranges.
+//! - [`header`]: the header, its extensions and the feature name table.
+//! - [`l2`], [`refcount`]: table entries and caches; [`snapshot`]: the snapshot table.
+//! - [`backing`]: the [`BackingImage`] trait, raw images, opening backing chains.
 
 #![deny(missing_docs)]
 
+pub mod backing;
+pub mod compress;
+pub mod error;
+pub mod header;
+pub mod image;
+pub mod l2;
+pub mod refcount;
+pub mod snapshot;
 pub mod storage;
+
+pub use backing::{BackingImage, BlockState, BlockStatus, RawImage, open_file_chain};
+pub use error::{FeatureKind, Qcow2Error};
+pub use image::{OpenOptions, Qcow2Image};
