@@ -223,3 +223,61 @@ async fn failed_writes_still_dirty_the_bitmap() {
     assert!(node.discard(MIB - 512, 512).await.is_err());
     assert_eq!(count(&node, "b"), 3 * 65536, "a failed request may have changed the disk");
 }
+
+#[tokio::test]
+async fn qcow2_nodes_read_qemu_images_through_their_backing_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (base, top) = (path("base.raw"), path("top.qcow2"));
+    std::fs::write(&base, vec![0x11u8; 2 * MIB as usize]).unwrap();
+    testkit::qemu_img(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", &top])
+        .unwrap();
+    testkit::qemu_io([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x22 65536 4096",
+        "-c",
+        "write -z 1M 64k",
+        &top,
+    ])
+    .unwrap();
+    let graph = BlockGraph::new();
+    let disk = graph
+        .add_from_str(&format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={top}"))
+        .unwrap();
+    assert_eq!(disk.driver_name(), "qcow2");
+    assert_eq!(disk.len(), 2 * MIB);
+    let data = disk.read(0, 2 * MIB as usize).await.unwrap();
+    let mut want = vec![0x11u8; 2 * MIB as usize];
+    want[65536..69632].fill(0x22);
+    want[MIB as usize..(MIB + 65536) as usize].fill(0);
+    assert!(data == want, "reads go through to the backing file where the top has nothing");
+    let top_status = disk.block_status(65536, 4096).await.unwrap();
+    assert!(top_status.data && top_status.allocated && top_status.depth == 1, "{top_status:?}");
+    let below = disk.block_status(0, 65536).await.unwrap();
+    assert!(below.data && !below.allocated && below.depth == 2, "{below:?}");
+    let zero = disk.block_status(MIB, 65536).await.unwrap();
+    assert!(zero.zero && !zero.data && zero.allocated, "{zero:?}");
+    // The default granularity is the cluster size (64 KiB).
+    add_bitmap(&disk, "b");
+    assert_eq!(disk.bitmaps().query()[0].granularity, 65536);
+    // With backing=null the backing file is ignored.
+    let graph = BlockGraph::new();
+    let alone = graph
+        .add(
+            testkit::serde_json::json!({"driver": "qcow2", "node-name": "alone", "read-only": true,
+                "backing": null, "file": {"driver": "file", "filename": top, "locking": "off"}}),
+            blockdelta::block::options::Syntax::Json,
+        )
+        .unwrap();
+    assert_eq!(alone.read(0, 4).await.unwrap(), vec![0; 4]);
+    // A file that is not qcow2: the error says so, and no node stays behind.
+    let err = graph
+        .add_from_str(&format!(
+            "driver=qcow2,node-name=bad,file.driver=file,file.filename={base},file.locking=off"
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("not a qcow2 image"), "{err}");
+    assert_eq!(graph.nodes().len(), 2, "{:?}", graph.nodes());
+}

@@ -1,6 +1,7 @@
 //! The `file` driver: a host file, through the qcow2 crate's positional storage.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use qcow2::storage::{FileStorage, Storage};
@@ -33,6 +34,14 @@ impl BlockDriver for FileDriver {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn filename(&self) -> Option<PathBuf> {
+        Some(self.storage.path().to_path_buf())
+    }
+
+    fn storage(&self) -> Option<Arc<dyn Storage>> {
+        Some(self.storage.clone())
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::file::FileDriver;
 use super::node::{BlockDriver, DetectZeroes, Node, NodeOptions};
 use super::options::{OptionsError, OptionsReader, Syntax, parse_keyval_or_json, valid_node_name};
+use super::qcow2::{Backing, Qcow2Driver};
 use super::raw::RawDriver;
 
 /// Why a node could not be added. `Display` is QEMU's text where it has one.
@@ -57,6 +58,8 @@ fn strerror(e: &io::Error) -> String {
 pub struct BlockGraph {
     nodes: Mutex<BTreeMap<String, Arc<Node>>>,
     next_auto_name: AtomicU64,
+    /// One add at a time, so that a failed add can remove exactly the children it made.
+    adding: Mutex<()>,
 }
 
 impl BlockGraph {
@@ -83,7 +86,18 @@ impl BlockGraph {
 
     /// Adds a node (and its nested children) from options; the root needs a node name.
     pub fn add(&self, options: Value, syntax: Syntax) -> Result<Arc<Node>, GraphError> {
-        self.open(options, syntax, "", Inherited::default())
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        let before: Vec<String> = self.lock_nodes().keys().cloned().collect();
+        let result = self.open(options, syntax, "", Inherited::default());
+        if result.is_err() {
+            // Nested children opened before the failure go too.
+            self.lock_nodes().retain(|name, _| before.contains(name));
+        }
+        result
+    }
+
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Node>>> {
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn open(
@@ -95,7 +109,7 @@ impl BlockGraph {
     ) -> Result<Arc<Node>, GraphError> {
         let mut r = OptionsReader::new(options, prefix, syntax)?;
         let driver = r.require_str("driver")?;
-        if !["file", "raw"].contains(&driver.as_str()) {
+        if !["file", "raw", "qcow2"].contains(&driver.as_str()) {
             return Err(OptionsError::BadValue { key: r.path("driver"), value: driver }.into());
         }
         let name = match r.take_str("node-name")? {
@@ -133,6 +147,32 @@ impl BlockGraph {
                 let driver = FileDriver::new(Arc::new(storage))
                     .map_err(|source| GraphError::Open { path: filename, source })?;
                 (Box::new(driver), Vec::new())
+            }
+            "qcow2" => {
+                let file =
+                    r.take_value("file").ok_or_else(|| OptionsError::Missing(r.path("file")))?;
+                let file_path = r.path("file");
+                let backing = r.take_value("backing");
+                let backing_path = r.path("backing");
+                r.finish()?;
+                let inherit =
+                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let file = self.child(file, &file_path, syntax, inherit)?;
+                let mut children = vec![file.clone()];
+                let backing = match backing {
+                    None => Backing::FromHeader,
+                    Some(Value::Null) => Backing::None,
+                    Some(Value::String(name)) if name.is_empty() => Backing::None,
+                    Some(value) => {
+                        let read_only = Inherited { read_only: Some(true), direct: Some(direct) };
+                        let node = self.child(value, &backing_path, syntax, read_only)?;
+                        children.push(node.clone());
+                        Backing::Node(node)
+                    }
+                };
+                let driver = Qcow2Driver::open(file, backing, !options.read_only)
+                    .map_err(GraphError::Driver)?;
+                (Box::new(driver), children)
             }
             _ => {
                 let offset = r.take_u64("offset")?.unwrap_or(0);

@@ -5,4 +5,5 @@ pub mod file;
 pub mod graph;
 pub mod node;
 pub mod options;
+pub mod qcow2;
 pub mod raw;

@@ -7,7 +7,10 @@
 //! succeeded or not, exactly as QEMU does.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use qcow2::storage::Storage;
 
 use super::dirty_bitmap::NodeBitmaps;
 
@@ -51,6 +54,18 @@ pub trait BlockDriver: Send + Sync {
 
     /// The cluster size, for drivers that have one (sets the default bitmap granularity).
     fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The host file under the node, if any (images name their backing files relative
+    /// to it).
+    fn filename(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// The positional storage of a protocol node (`file`), on which format drivers
+    /// such as qcow2 keep their metadata.
+    fn storage(&self) -> Option<Arc<dyn Storage>> {
         None
     }
 
@@ -163,6 +178,16 @@ impl Node {
     /// Whether the node is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The host file under the node, if any.
+    pub fn filename(&self) -> Option<PathBuf> {
+        self.driver.filename()
+    }
+
+    /// The storage of a protocol node.
+    pub fn storage(&self) -> Option<Arc<dyn Storage>> {
+        self.driver.storage()
     }
 
     /// The node's dirty bitmaps.

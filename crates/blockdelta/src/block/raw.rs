@@ -1,6 +1,7 @@
 //! The `raw` format driver: a window (`offset`, `size`) onto its child node.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
@@ -44,6 +45,10 @@ impl BlockDriver for RawDriver {
 
     fn len(&self) -> u64 {
         self.size
+    }
+
+    fn filename(&self) -> Option<PathBuf> {
+        self.child.filename()
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -1,0 +1,176 @@
+//! The `qcow2` format driver: a [`qcow2::image::Qcow2Image`] on its `file` child's
+//! storage, with an optional backing node.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qcow2::backing::{self, BackingImage, BlockState};
+use qcow2::error::Qcow2Error;
+use qcow2::image::{OpenOptions, Qcow2Image};
+
+use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
+
+/// The qcow2 format over a file node.
+pub struct Qcow2Driver {
+    image: Qcow2Image,
+    file: Arc<Node>,
+}
+
+/// Where the backing image comes from.
+pub enum Backing {
+    /// The file the image names in its header (resolved next to the image).
+    FromHeader,
+    /// A node of the graph.
+    Node(Arc<Node>),
+    /// None (`backing: null`): unallocated clusters read as zeroes.
+    None,
+}
+
+/// A qcow2 error as an I/O error: storage errors keep their OS error, the rest is EIO
+/// with the message.
+pub fn to_io(e: Qcow2Error) -> io::Error {
+    match e {
+        Qcow2Error::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl Qcow2Driver {
+    /// Opens the image on `file`'s storage.
+    pub fn open(file: Arc<Node>, backing: Backing, writable: bool) -> Result<Self, String> {
+        let storage = file.storage().ok_or_else(|| {
+            format!("qcow2 needs a file node under it, not '{}'", file.driver_name())
+        })?;
+        let header =
+            qcow2::image::read_header(storage.as_ref(), storage.len().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        let mut options = OpenOptions { writable, ..OpenOptions::default() };
+        match backing {
+            Backing::None => options.ignore_backing = true,
+            Backing::Node(node) => options.backing = Some(Arc::new(NodeBacking(node))),
+            Backing::FromHeader => {
+                if let Some(name) = header.backing_file.as_deref() {
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    let path = resolve_backing(file.filename().as_deref(), &name);
+                    let chain = backing::open_file_chain(&path, header.backing_format(), false)
+                        .map_err(|e| format!("Could not open backing file: {e}"))?;
+                    options.backing = Some(chain);
+                }
+            }
+        }
+        let image = Qcow2Image::open(storage, options).map_err(|e| e.to_string())?;
+        Ok(Qcow2Driver { image, file })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Qcow2Image {
+        &self.image
+    }
+}
+
+/// A backing file name as the image stores it, resolved against the image's directory.
+fn resolve_backing(image: Option<&Path>, name: &str) -> PathBuf {
+    let name = Path::new(name);
+    match image.and_then(Path::parent) {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name.to_path_buf(),
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn len(&self) -> u64 {
+        self.image.virtual_size()
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.image.cluster_size())
+    }
+
+    fn filename(&self) -> Option<PathBuf> {
+        self.file.filename()
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read_at(buf, offset).map_err(to_io)
+    }
+
+    fn write(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
+        Err(unsupported())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> io::Result<()> {
+        Err(unsupported())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(unsupported())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.flush_blocking()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let status = self.image.block_status(offset, len).map_err(to_io)?;
+        Ok(from_image_status(status))
+    }
+}
+
+fn unsupported() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "writing qcow2 images is not implemented yet")
+}
+
+/// The image's status in the node's terms (allocation depth counted from 1).
+fn from_image_status(s: backing::BlockStatus) -> BlockStatus {
+    BlockStatus {
+        data: s.state == BlockState::Data,
+        zero: s.state != BlockState::Data,
+        allocated: s.allocated,
+        depth: if s.state == BlockState::Unallocated { 0 } else { s.depth + 1 },
+        len: s.len,
+    }
+}
+
+/// A node of the graph as a qcow2 backing image.
+#[derive(Debug)]
+struct NodeBacking(Arc<Node>);
+
+impl BackingImage for NodeBacking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2::error::Result<()> {
+        self.0.read_blocking(buf, offset).map_err(|source| Qcow2Error::Io {
+            context: "reading the backing node",
+            offset,
+            source,
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> qcow2::error::Result<backing::BlockStatus> {
+        let s = self.0.block_status_blocking(offset, len).map_err(|source| Qcow2Error::Io {
+            context: "block status of the backing node",
+            offset,
+            source,
+        })?;
+        let state = match (s.data, s.depth) {
+            (true, _) => BlockState::Data,
+            (false, 0) => BlockState::Unallocated,
+            (false, _) => BlockState::Zero,
+        };
+        Ok(backing::BlockStatus {
+            state,
+            allocated: s.allocated,
+            depth: s.depth.saturating_sub(1),
+            offset: None,
+            compressed: false,
+            len: s.len,
+        })
+    }
+}
