@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod backing;
+pub mod bitmaps;
 pub mod compress;
 pub mod error;
 pub mod header;
