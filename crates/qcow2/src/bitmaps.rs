@@ -476,3 +476,40 @@ pub fn encode_clusters(
     }
     Ok(clusters)
 }
+
+/// Offset of `autoclear_features` in a v3 header.
+const AUTOCLEAR_OFFSET: u64 = 88;
+
+/// Marks every entry of the directory in use, in place, as a writer that loaded the
+/// bitmaps must before it changes the disk: autoclear bit 0 is cleared (so a crash in
+/// between leaves the bitmaps inconsistent rather than wrong), the directory rewritten at
+/// the same place, then the bit set again, with a flush after each step.
+pub fn mark_in_use(
+    storage: &dyn Storage,
+    ext: &BitmapsExtension,
+    entries: &mut [DirectoryEntry],
+) -> Result<(), BitmapsError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| BitmapsError::Io { what: what.clone(), source }
+    };
+    if entries.iter().all(DirectoryEntry::in_use) {
+        return Ok(());
+    }
+    let mut autoclear = [0u8; 8];
+    storage.read_at(&mut autoclear, AUTOCLEAR_OFFSET).map_err(io("the header"))?;
+    let autoclear = u64::from_be_bytes(autoclear);
+    let without = autoclear & !crate::header::AUTOCLEAR_BITMAPS;
+    storage.write_at(&without.to_be_bytes(), AUTOCLEAR_OFFSET).map_err(io("the header"))?;
+    storage.flush().map_err(io("the header"))?;
+    let mut directory = Vec::with_capacity(ext.directory_size as usize);
+    for entry in entries.iter_mut() {
+        entry.flags |= FLAG_IN_USE;
+        entry.encode(&mut directory);
+    }
+    storage.write_at(&directory, ext.directory_offset).map_err(io("bitmap directory"))?;
+    storage.flush().map_err(io("bitmap directory"))?;
+    let with = without | crate::header::AUTOCLEAR_BITMAPS;
+    storage.write_at(&with.to_be_bytes(), AUTOCLEAR_OFFSET).map_err(io("the header"))?;
+    storage.flush().map_err(io("the header"))
+}

@@ -189,7 +189,8 @@ impl BlockGraph {
                 (Box::new(driver), vec![file])
             }
         };
-        let node = Arc::new(Node::new(&name, driver, options, children));
+        let node =
+            Arc::new(Node::open(&name, driver, options, children).map_err(GraphError::Driver)?);
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         if nodes.contains_key(&name) {
             return Err(GraphError::Duplicate(name));

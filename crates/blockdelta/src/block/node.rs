@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use qcow2::storage::Storage;
 
-use super::dirty_bitmap::NodeBitmaps;
+use super::dirty_bitmap::{LoadedBitmap, NodeBitmaps};
 
 /// What a range of a node holds, as block status reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +67,11 @@ pub trait BlockDriver: Send + Sync {
     /// such as qcow2 keep their metadata.
     fn storage(&self) -> Option<Arc<dyn Storage>> {
         None
+    }
+
+    /// The persistent bitmaps the driver found at open, handed over once to the node.
+    fn take_loaded_bitmaps(&self) -> Vec<LoadedBitmap> {
+        Vec::new()
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -148,6 +153,24 @@ impl Node {
     ) -> Self {
         let bitmaps = NodeBitmaps::new(name, driver.len(), driver.cluster_size(), None);
         Node { name: name.to_string(), driver, bitmaps, options, children }
+    }
+
+    /// Like [`new`](Self::new), and takes over the persistent bitmaps the driver loaded
+    /// (readonly on a read-only node).
+    pub fn open(
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        options: NodeOptions,
+        children: Vec<Arc<Node>>,
+    ) -> Result<Self, String> {
+        let loaded = driver.take_loaded_bitmaps();
+        let node = Node::new(name, driver, options, children);
+        for bitmap in loaded {
+            node.bitmaps
+                .add_loaded(bitmap, options.read_only)
+                .map_err(|e| format!("Could not load the bitmaps of '{name}': {e}"))?;
+        }
+        Ok(node)
     }
 
     /// The node's name.

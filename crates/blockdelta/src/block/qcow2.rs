@@ -3,18 +3,24 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use qcow2::backing::{self, BackingImage, BlockState};
+use qcow2::bitmaps::{self as qbitmaps, BitmapsExtension};
 use qcow2::error::Qcow2Error;
+use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header};
 use qcow2::image::{OpenOptions, Qcow2Image};
+use qcow2::storage::Storage;
 
+use super::dirty_bitmap::LoadedBitmap;
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 
 /// The qcow2 format over a file node.
 pub struct Qcow2Driver {
     image: Qcow2Image,
     file: Arc<Node>,
+    /// The persistent bitmaps found at open, until the node takes them.
+    loaded: Mutex<Vec<LoadedBitmap>>,
 }
 
 /// Where the backing image comes from.
@@ -59,14 +65,61 @@ impl Qcow2Driver {
                 }
             }
         }
-        let image = Qcow2Image::open(storage, options).map_err(|e| e.to_string())?;
-        Ok(Qcow2Driver { image, file })
+        let image = Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?;
+        let loaded = load_bitmaps(storage.as_ref(), &header, writable)?;
+        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded) })
     }
 
     /// The image.
     pub fn image(&self) -> &Qcow2Image {
         &self.image
     }
+}
+
+/// Loads the image's persistent bitmaps, as QEMU does at open: `auto` means enabled, a
+/// bitmap found in use is inconsistent (its bits are not read). A writable open marks
+/// them all in use on disk before anything else is written, so that a crash, or a close
+/// that does not store them, leaves them inconsistent rather than stale: a stale bitmap
+/// would let an incremental backup miss writes.
+fn load_bitmaps(
+    storage: &dyn Storage,
+    header: &Header,
+    writable: bool,
+) -> Result<Vec<LoadedBitmap>, String> {
+    let Some(data) = header.extension(EXT_BITMAPS) else { return Ok(Vec::new()) };
+    if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        // A program without bitmap support wrote the image: the bitmaps are stale.
+        eprintln!(
+            "warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+        );
+        return Ok(Vec::new());
+    }
+    let cluster_size = header.cluster_size();
+    let ext = BitmapsExtension::parse(data, cluster_size).map_err(|e| e.to_string())?;
+    let mut entries = qbitmaps::read_directory(storage, &ext, cluster_size, header.size)
+        .map_err(|e| e.to_string())?;
+    let mut loaded = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let bits = if entry.in_use() {
+            None
+        } else {
+            Some(
+                qbitmaps::load_bitmap(storage, entry, cluster_size, header.size)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        loaded.push(LoadedBitmap {
+            name: entry.name.clone(),
+            granularity: entry.granularity() as u32,
+            enabled: entry.auto(),
+            bits,
+        });
+    }
+    if writable {
+        qbitmaps::mark_in_use(storage, &ext, &mut entries)
+            .map_err(|e| format!("Can't update bitmap directory: {e}"))?;
+    }
+    Ok(loaded)
 }
 
 /// A backing file name as the image stores it, resolved against the image's directory.
@@ -93,6 +146,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn filename(&self) -> Option<PathBuf> {
         self.file.filename()
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<LoadedBitmap> {
+        std::mem::take(&mut *self.loaded.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

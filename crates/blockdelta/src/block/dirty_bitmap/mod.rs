@@ -12,7 +12,9 @@ mod node_bitmaps;
 mod successor;
 
 pub use error::BitmapError;
-pub use node_bitmaps::{AddBitmap, BitmapRef, BitsBackup, NodeBitmaps, RemovePending};
+pub use node_bitmaps::{
+    AddBitmap, BitmapRef, BitsBackup, LoadedBitmap, NodeBitmaps, RemovePending,
+};
 pub use successor::{BitmapSyncMode, JobOutcome};
 
 /// Longest bitmap name, in bytes (QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`).

@@ -142,6 +142,19 @@ pub struct AddBitmap {
     pub disabled: bool,
 }
 
+/// A persistent bitmap found in the image when the node was opened.
+#[derive(Debug)]
+pub struct LoadedBitmap {
+    /// Its name.
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u32,
+    /// Whether it records writes (the `auto` flag on disk).
+    pub enabled: bool,
+    /// Its bits; `None` when it was found in use on disk: it is then inconsistent.
+    pub bits: Option<HBitmap>,
+}
+
 /// A merge source: a bitmap on the target's node (`node: None`) or on another node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapRef {
@@ -272,6 +285,39 @@ impl NodeBitmaps {
         }
         let id = inner.insert(Some(request.name.clone()), granularity, request.disabled)?;
         inner.get_mut(id)?.persistent = request.persistent;
+        Ok(id)
+    }
+
+    /// Adds a persistent bitmap loaded from the image (newest first, like every add, so
+    /// loading in directory order lists them in reverse, as QEMU does). A bitmap found in
+    /// use is inconsistent (disabled, no bits); on a read-only node every loaded bitmap
+    /// is readonly.
+    pub fn add_loaded(
+        &self,
+        loaded: LoadedBitmap,
+        readonly: bool,
+    ) -> Result<BitmapId, BitmapError> {
+        let granularity = check_granularity(u64::from(loaded.granularity))?;
+        let mut inner = self.lock();
+        if inner.index_by_name(&loaded.name).is_ok() {
+            return Err(BitmapError::AlreadyExists(loaded.name));
+        }
+        if let Some(bits) = &loaded.bits
+            && (bits.size() != inner.length || bits.granularity() != granularity.trailing_zeros())
+        {
+            return Err(BitmapError::SizeMismatch { dest: inner.length, src: bits.size() });
+        }
+        let id = inner.insert(Some(loaded.name), granularity, !loaded.enabled)?;
+        let bitmap = inner.get_mut(id)?;
+        bitmap.persistent = true;
+        bitmap.readonly = readonly;
+        match loaded.bits {
+            Some(bits) => bitmap.bits = bits,
+            None => {
+                bitmap.inconsistent = true;
+                bitmap.disabled = true;
+            }
+        }
         Ok(id)
     }
 

@@ -1,0 +1,153 @@
+//! Persistent bitmaps of qcow2 nodes at open, against qemu-storage-daemon opening the
+//! same file: the same records, in the same order, with the same SHA-256; a writable
+//! open marks them in use on disk, as QEMU does.
+
+use blockdelta::block::graph::BlockGraph;
+use blockdelta::block::node::Node;
+use testkit::qsd::StorageDaemon;
+use testkit::serde_json::{Value, json};
+use testkit::{qemu_img, qemu_io};
+
+/// The image of spec 10.1: bm0 (64 KiB) and bm1 (128 KiB) enabled, bm2 disabled, with
+/// writes recorded by qemu-io.
+fn make_image(img: &str) {
+    qemu_img(["create", "-q", "-f", "qcow2", img, "64M"]).unwrap();
+    qemu_img(["bitmap", "--add", img, "bm0"]).unwrap();
+    qemu_img(["bitmap", "--add", "-g", "128k", img, "bm1"]).unwrap();
+    qemu_img(["bitmap", "--add", img, "bm2"]).unwrap();
+    qemu_img(["bitmap", "--disable", img, "bm2"]).unwrap();
+    qemu_io([
+        "-f",
+        "qcow2",
+        "-c",
+        "write 0 64k",
+        "-c",
+        "write 1M 64k",
+        "-c",
+        "write 32704k 128k",
+        img,
+    ])
+    .unwrap();
+}
+
+/// Our query records in QEMU's JSON shape.
+fn ours(node: &Node) -> Vec<Value> {
+    node.bitmaps()
+        .query()
+        .into_iter()
+        .map(|b| {
+            let mut v = json!({"name": b.name, "count": b.count, "granularity": b.granularity,
+                "recording": b.recording, "busy": b.busy, "persistent": b.persistent});
+            if b.inconsistent {
+                v["inconsistent"] = json!(true);
+            }
+            v
+        })
+        .collect()
+}
+
+fn qemu_records(daemon: &mut StorageDaemon) -> Vec<Value> {
+    let nodes = daemon.execute_ok("query-named-block-nodes", json!({"flat": true}));
+    let disk = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
+    disk["dirty-bitmaps"].as_array().cloned().unwrap_or_default()
+}
+
+fn qemu_view(img: &str, read_only: bool) -> (Vec<Value>, Vec<String>) {
+    let ro = if read_only { ",read-only=on" } else { "" };
+    let mut daemon = StorageDaemon::qemu()
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={img}{ro}"))
+        .arg("--blockdev")
+        .arg(format!("driver=qcow2,node-name=disk0,file=file0{ro}"))
+        .start()
+        .unwrap();
+    let records = qemu_records(&mut daemon);
+    let shas = records
+        .iter()
+        .map(|r| {
+            let reply = daemon.execute_ok(
+                "x-debug-block-dirty-bitmap-sha256",
+                json!({"node": "disk0", "name": r["name"]}),
+            );
+            reply["sha256"].as_str().unwrap().to_string()
+        })
+        .collect();
+    daemon.quit().unwrap();
+    (records, shas)
+}
+
+fn open_ours(img: &str, read_only: bool) -> (BlockGraph, std::sync::Arc<Node>) {
+    let graph = BlockGraph::new();
+    let ro = if read_only { ",read-only=on" } else { "" };
+    let node = graph
+        .add_from_str(&format!(
+            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}{ro}"
+        ))
+        .unwrap();
+    (graph, node)
+}
+
+fn names(records: &[Value]) -> Vec<String> {
+    records.iter().map(|r| r["name"].as_str().unwrap_or("").to_string()).collect()
+}
+
+#[test]
+fn read_only_open_loads_what_qemu_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("demo.qcow2").to_str().unwrap().to_string();
+    make_image(&img);
+    let (qemu, qemu_shas) = qemu_view(&img, true);
+    assert_eq!(names(&qemu), ["bm2", "bm1", "bm0"], "newest first: reverse directory order");
+    let (_graph, node) = open_ours(&img, true);
+    assert_eq!(ours(&node), qemu);
+    let our_shas: Vec<String> =
+        names(&qemu).iter().map(|n| node.bitmaps().sha256(n).unwrap()).collect();
+    assert_eq!(our_shas, qemu_shas);
+    // Loaded from a read-only node, they are readonly: they may not be changed.
+    assert_eq!(
+        node.bitmaps().clear("bm0").unwrap_err().to_string(),
+        "Bitmap 'bm0' is readonly and cannot be modified"
+    );
+    assert!(node.bitmaps().has_readonly());
+}
+
+#[test]
+fn writable_open_marks_bitmaps_in_use_and_unstored_ones_come_back_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("demo.qcow2").to_str().unwrap().to_string();
+    make_image(&img);
+    let info = |img: &str| -> Value {
+        let out = qemu_img(["info", "-U", "--output=json", img]).unwrap();
+        testkit::serde_json::from_str(&out).unwrap()
+    };
+    let flags = |info: &Value| -> Vec<Value> {
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["flags"].clone())
+            .collect()
+    };
+    let (graph, node) = open_ours(&img, false);
+    // As QEMU shows while it has the image open read-write (spec 10.2).
+    assert_eq!(
+        flags(&info(&img)),
+        [json!(["in-use", "auto"]), json!(["in-use", "auto"]), json!(["in-use"])]
+    );
+    assert_eq!(node.bitmaps().query().len(), 3);
+    assert!(!node.bitmaps().has_readonly());
+    drop(node);
+    drop(graph);
+    // Not stored at close (yet): they stay in use, so both QEMU and blockdelta now see
+    // them as inconsistent, never as stale-but-valid.
+    let (qemu, _) = qemu_view(&img, true);
+    assert!(qemu.iter().all(|r| r["inconsistent"] == json!(true)), "{qemu:?}");
+    let (_graph, node) = open_ours(&img, true);
+    assert_eq!(ours(&node), qemu);
+    assert_eq!(
+        node.bitmaps().clear("bm0").unwrap_err().to_string(),
+        "Bitmap 'bm0' is readonly and cannot be modified"
+    );
+    let check = qemu_img(["check", &img]).unwrap();
+    assert!(check.contains("No errors were found"), "{check}");
+}
