@@ -151,3 +151,67 @@ fn writable_open_marks_bitmaps_in_use_and_unstored_ones_come_back_inconsistent()
     let check = qemu_img(["check", &img]).unwrap();
     assert!(check.contains("No errors were found"), "{check}");
 }
+
+/// `block-dirty-bitmap-add` with `persistent` on qcow2 v3 and v2 and on raw nodes: the
+/// same answer as qemu-storage-daemon, error texts included.
+#[test]
+fn persistent_adds_are_checked_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    qemu_img(["create", "-q", "-f", "qcow2", &path("v3.qcow2"), "64M"]).unwrap();
+    qemu_img(["bitmap", "--add", &path("v3.qcow2"), "bm0"]).unwrap();
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", &path("v2.qcow2"), "64M"])
+        .unwrap();
+    qemu_img(["create", "-q", "-f", "qcow2", &path("big.qcow2"), "4T"]).unwrap();
+    std::fs::File::create(path("raw.img")).unwrap().set_len(1 << 20).unwrap();
+    let long = "n".repeat(1024);
+    let cases: Vec<(&str, &str, Value)> = vec![
+        ("v3.qcow2", "qcow2", json!({"name": "p", "persistent": true})),
+        ("v3.qcow2", "qcow2", json!({"name": "bm0", "persistent": true})),
+        ("v3.qcow2", "qcow2", json!({"name": long, "persistent": true})),
+        (
+            "v3.qcow2",
+            "qcow2",
+            json!({"name": "g", "persistent": true, "granularity": 2147483648u64}),
+        ),
+        ("v2.qcow2", "qcow2", json!({"name": "p", "persistent": true})),
+        ("v2.qcow2", "qcow2", json!({"name": "t"})),
+        ("big.qcow2", "qcow2", json!({"name": "fine", "persistent": true, "granularity": 512})),
+        ("big.qcow2", "qcow2", json!({"name": "ok", "persistent": true, "granularity": 65536})),
+        ("raw.img", "raw", json!({"name": "p", "persistent": true})),
+    ];
+    for (image, driver, args) in cases {
+        let img = path(image);
+        let mut daemon = StorageDaemon::qemu()
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={img}"))
+            .arg("--blockdev")
+            .arg(format!("driver={driver},node-name=disk0,file=file0"))
+            .start()
+            .unwrap();
+        let mut qemu_args = args.clone();
+        qemu_args["node"] = json!("disk0");
+        let qemu = daemon.qmp().execute("block-dirty-bitmap-add", qemu_args).map_err(|e| e.desc);
+        // Leave the image as it was: remove what QEMU added before it stores it.
+        if qemu.is_ok() {
+            let name = args["name"].clone();
+            daemon.execute_ok("block-dirty-bitmap-remove", json!({"node": "disk0", "name": name}));
+        }
+        daemon.quit().unwrap();
+
+        let graph = BlockGraph::new();
+        let node = graph
+            .add_from_str(&format!(
+                "driver={driver},node-name=disk0,file.driver=file,file.filename={img}"
+            ))
+            .unwrap();
+        let request = blockdelta::block::dirty_bitmap::AddBitmap {
+            name: args["name"].as_str().unwrap().to_string(),
+            granularity: args["granularity"].as_u64(),
+            persistent: args["persistent"].as_bool().unwrap_or(false),
+            disabled: false,
+        };
+        let ours = node.bitmaps().add(&request).map(|_| json!({})).map_err(|e| e.to_string());
+        assert_eq!(ours, qemu, "{image}: {args}");
+    }
+}

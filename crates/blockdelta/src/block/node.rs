@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use qcow2::storage::Storage;
 
-use super::dirty_bitmap::{LoadedBitmap, NodeBitmaps};
+use super::dirty_bitmap::{BitmapPersistence, LoadedBitmap, NodeBitmaps};
 
 /// What a range of a node holds, as block status reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +66,11 @@ pub trait BlockDriver: Send + Sync {
     /// The positional storage of a protocol node (`file`), on which format drivers
     /// such as qcow2 keep their metadata.
     fn storage(&self) -> Option<Arc<dyn Storage>> {
+        None
+    }
+
+    /// How the driver stores persistent bitmaps, if it can (qcow2).
+    fn bitmap_persistence(&self) -> Option<Arc<dyn BitmapPersistence>> {
         None
     }
 
@@ -151,7 +156,12 @@ impl Node {
         options: NodeOptions,
         children: Vec<Arc<Node>>,
     ) -> Self {
-        let bitmaps = NodeBitmaps::new(name, driver.len(), driver.cluster_size(), None);
+        let bitmaps = NodeBitmaps::new(
+            name,
+            driver.len(),
+            driver.cluster_size(),
+            driver.bitmap_persistence(),
+        );
         Node { name: name.to_string(), driver, bitmaps, options, children }
     }
 

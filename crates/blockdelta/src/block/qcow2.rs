@@ -12,7 +12,7 @@ use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header};
 use qcow2::image::{OpenOptions, Qcow2Image};
 use qcow2::storage::Storage;
 
-use super::dirty_bitmap::LoadedBitmap;
+use super::dirty_bitmap::{BitmapPersistence, LoadedBitmap};
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 
 /// The qcow2 format over a file node.
@@ -21,6 +21,64 @@ pub struct Qcow2Driver {
     file: Arc<Node>,
     /// The persistent bitmaps found at open, until the node takes them.
     loaded: Mutex<Vec<LoadedBitmap>>,
+    persistence: Arc<Qcow2Persistence>,
+}
+
+/// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
+#[derive(Debug)]
+pub struct Qcow2Persistence {
+    version: u32,
+    cluster_size: u64,
+    disk_len: u64,
+}
+
+impl BitmapPersistence for Qcow2Persistence {
+    fn can_store(
+        &self,
+        name: &str,
+        granularity: u32,
+        existing: &[(&str, u32)],
+    ) -> Result<(), String> {
+        // A name taken by a loaded bitmap is the manager's generic error (QEMU agrees).
+        if self.version < 3 {
+            return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        if name.len() > qbitmaps::MAX_NAME_SIZE {
+            return Err(format!(
+                "Name length exceeds maximum ({} characters)",
+                qbitmaps::MAX_NAME_SIZE
+            ));
+        }
+        let granularity = u64::from(granularity);
+        if granularity > 1 << 31 {
+            return Err("Granularity exceeds maximum (2147483648 bytes)".into());
+        }
+        if granularity < 512 {
+            return Err("Granularity is under minimum (512 bytes)".into());
+        }
+        let table = qbitmaps::table_size(self.disk_len, granularity, self.cluster_size);
+        if table > u64::from(qbitmaps::MAX_TABLE_SIZE)
+            || table * self.cluster_size > qbitmaps::MAX_PHYS_SIZE
+        {
+            return Err(
+                "Too much space will be occupied by the bitmap. Use larger granularity".into()
+            );
+        }
+        if existing.len() + 1 > qbitmaps::MAX_BITMAPS as usize {
+            return Err("Maximum number of persistent bitmaps is already reached".into());
+        }
+        let entry = |n: &str| (24 + n.len()).next_multiple_of(8) as u64;
+        let directory: u64 = existing.iter().map(|(n, _)| entry(n)).sum::<u64>() + entry(name);
+        if directory > qbitmaps::MAX_DIRECTORY_SIZE {
+            return Err("Not enough space in the bitmap directory".into());
+        }
+        Ok(())
+    }
+
+    fn remove_stored(&self, name: &str) -> Result<(), String> {
+        // Rewriting the directory allocates clusters: that comes with the write path.
+        Err(format!("removing bitmap '{name}' from the image is not implemented yet"))
+    }
 }
 
 /// Where the backing image comes from.
@@ -67,7 +125,12 @@ impl Qcow2Driver {
         }
         let image = Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?;
         let loaded = load_bitmaps(storage.as_ref(), &header, writable)?;
-        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded) })
+        let persistence = Arc::new(Qcow2Persistence {
+            version: header.version,
+            cluster_size: header.cluster_size(),
+            disk_len: header.size,
+        });
+        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence })
     }
 
     /// The image.
@@ -146,6 +209,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn filename(&self) -> Option<PathBuf> {
         self.file.filename()
+    }
+
+    fn bitmap_persistence(&self) -> Option<Arc<dyn BitmapPersistence>> {
+        Some(self.persistence.clone())
     }
 
     fn take_loaded_bitmaps(&self) -> Vec<LoadedBitmap> {
