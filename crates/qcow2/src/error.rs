@@ -174,6 +174,10 @@ pub enum Qcow2Error {
     /// The image is not writable (opened read-only).
     #[error("the image was opened read-only")]
     ReadOnly,
+
+    /// The write path does not support this request.
+    #[error("unsupported request: {0}")]
+    UnsupportedRequest(&'static str),
 }
 
 impl Qcow2Error {

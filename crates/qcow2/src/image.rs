@@ -1,4 +1,5 @@
-//! [`Qcow2Image`]: opening an image and reading it.
+//! [`Qcow2Image`]: opening an image and reading it (the write path is in
+//! [`crate::write`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -6,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::backing::{BackingImage, BlockState, BlockStatus, open_qcow2_layer};
+use crate::cache::MetaCache;
 use crate::compress;
 use crate::error::{FeatureKind, Qcow2Error, Result};
 use crate::header::{self, Header, HeaderExtension};
-use crate::l2::{self, ClusterMapping, TableCache};
+use crate::l2::{self, ClusterMapping};
 use crate::refcount;
 use crate::snapshot::{self, Snapshot};
 use crate::storage::Storage;
@@ -29,8 +31,8 @@ const KNOWN_INCOMPAT: u64 = header::INCOMPAT_DIRTY
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// Open for writing (refused when the image is marked corrupt). The write path is
-    /// not implemented yet: writable opens only check that the image could be written.
+    /// Open for writing (refused when the image is marked corrupt): enables
+    /// [`Qcow2Image::write_at`] and the other changing methods.
     pub writable: bool,
     /// The backing image, opened by the caller, when the image has a backing file.
     pub backing: Option<Arc<dyn BackingImage>>,
@@ -67,25 +69,41 @@ pub(crate) struct ImageState {
 
 /// An open qcow2 image.
 ///
-/// Shared between threads (`&self` methods). The metadata the write path will update
-/// (header with its extensions and autoclear bits, L1 table, refcount table, snapshot
-/// table) is behind one lock; L2 tables and refcount blocks are read through bounded
-/// caches keyed by host offset, and the last decompressed cluster is kept.
+/// Shared between threads (`&self` methods). The header, L1 table, refcount table and
+/// snapshot table are behind a read-write lock; L2 tables and refcount blocks go
+/// through write-back caches keyed by host offset (clean tables bounded, dirty ones
+/// pinned until written), and the last decompressed cluster is kept. Images opened
+/// writable take [`write_at`](Qcow2Image::write_at), [`write_zeroes`](Qcow2Image::write_zeroes),
+/// [`discard`](Qcow2Image::discard), [`resize`](Qcow2Image::resize) and
+/// [`flush`](Qcow2Image::flush); see [`crate::write`] for the crash-safe ordering.
+/// Dropping a changed image flushes it (errors ignored; [`close`](Qcow2Image::close)
+/// reports them).
 ///
 /// The virtual size, cluster size and compression type are copied out of the header
-/// for lock-free reads: a resize must update `size` as well as the header.
+/// for lock-free reads: a resize updates `size` as well as the header.
 pub struct Qcow2Image {
-    storage: Arc<dyn Storage>,
+    pub(crate) storage: Arc<dyn Storage>,
     writable: bool,
-    backing: Option<Arc<dyn BackingImage>>,
-    cluster_bits: u32,
-    size: u64,
+    pub(crate) backing: Option<Arc<dyn BackingImage>>,
+    pub(crate) cluster_bits: u32,
+    pub(crate) size: AtomicU64,
     compression_type: u8,
     /// The file length last seen (refreshed when an offset seems past the end).
     file_len: AtomicU64,
-    state: RwLock<ImageState>,
-    l2_cache: Mutex<TableCache<[u64]>>,
-    refblock_cache: Mutex<TableCache<[u8]>>,
+    pub(crate) state: RwLock<ImageState>,
+    pub(crate) l2_cache: Mutex<MetaCache<[u64]>>,
+    pub(crate) refblock_cache: Mutex<MetaCache<[u8]>>,
+    /// The write path's metadata lock and bookkeeping (see [`crate::write`]).
+    pub(crate) meta: Mutex<crate::write::WriteState>,
+    /// Guest clusters being changed by a write, zero write or discard.
+    pub(crate) claims: Mutex<HashSet<u64>>,
+    pub(crate) claims_cv: std::sync::Condvar,
+    /// Held shared during data I/O to host clusters; taken exclusively before freed
+    /// clusters become reusable.
+    pub(crate) io_gate: RwLock<()>,
+    pub(crate) autoclear_done: std::sync::atomic::AtomicBool,
+    /// Whether a change was made since the last flush (dropping the image flushes).
+    pub(crate) changed: std::sync::atomic::AtomicBool,
     /// The last decompressed cluster: (host offset of the compressed data, data).
     last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
 }
@@ -93,7 +111,7 @@ pub struct Qcow2Image {
 impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Image")
-            .field("size", &self.size)
+            .field("size", &self.size())
             .field("cluster_bits", &self.cluster_bits)
             .field("writable", &self.writable)
             .field("backing", &self.backing)
@@ -129,7 +147,7 @@ fn check_table(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -240,12 +258,18 @@ impl Qcow2Image {
             writable: options.writable,
             backing: options.backing,
             cluster_bits: h.cluster_bits,
-            size: h.size,
+            size: AtomicU64::new(h.size),
+            meta: Mutex::new(crate::write::WriteState::new(file_len.div_ceil(cluster_size))),
+            claims: Mutex::new(HashSet::new()),
+            claims_cv: std::sync::Condvar::new(),
+            io_gate: RwLock::new(()),
+            autoclear_done: std::sync::atomic::AtomicBool::new(false),
+            changed: std::sync::atomic::AtomicBool::new(false),
             compression_type: h.compression_type,
             file_len: AtomicU64::new(file_len),
             state: RwLock::new(ImageState { header: h, l1, reftable, snapshots }),
-            l2_cache: Mutex::new(TableCache::new(l2_tables)),
-            refblock_cache: Mutex::new(TableCache::new(ref_blocks)),
+            l2_cache: Mutex::new(MetaCache::new(l2_tables)),
+            refblock_cache: Mutex::new(MetaCache::new(ref_blocks)),
             last_compressed: Mutex::new(None),
         })
     }
@@ -261,7 +285,7 @@ impl Qcow2Image {
         open_qcow2_layer(path, writable, 0, &mut seen)
     }
 
-    fn state(&self) -> std::sync::RwLockReadGuard<'_, ImageState> {
+    pub(crate) fn state(&self) -> std::sync::RwLockReadGuard<'_, ImageState> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -297,7 +321,11 @@ impl Qcow2Image {
 
     /// The virtual size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.size
+        self.size()
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// The cluster size in bytes.
@@ -391,7 +419,13 @@ impl Qcow2Image {
     }
 
     /// Checks that `offset` lies in the file (re-reading the length if needed).
-    fn check_in_file(&self, structure: &'static str, at: u64, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_in_file(
+        &self,
+        structure: &'static str,
+        at: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         let end = offset.checked_add(len).ok_or(Qcow2Error::corrupt(
             structure,
             at,
@@ -405,14 +439,13 @@ impl Qcow2Image {
     }
 
     /// The L2 table at `offset` (cached).
-    fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
+    pub(crate) fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>> {
         if let Some(t) = lock(&self.l2_cache).get(offset) {
             return Ok(t);
         }
         let table: Arc<[u64]> =
             read_table(&*self.storage, offset, self.cluster_size(), "reading an L2 table")?.into();
-        lock(&self.l2_cache).insert(offset, Arc::clone(&table));
-        Ok(table)
+        Ok(lock(&self.l2_cache).insert_clean(offset, table))
     }
 
     /// The mapping of guest cluster `index` (guest offset `index * cluster_size`).
@@ -510,10 +543,10 @@ impl Qcow2Image {
         Ok((first, len))
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.size }),
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.size() }),
         }
     }
 
@@ -550,7 +583,7 @@ impl Qcow2Image {
     }
 
     /// Reads from the backing image, zeroes past its end or without one.
-    fn read_backing(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+    pub(crate) fn read_backing(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         let Some(backing) = &self.backing else {
             buf.fill(0);
             return Ok(());
@@ -565,7 +598,7 @@ impl Qcow2Image {
     }
 
     /// The decompressed cluster whose compressed data is `len` bytes at `host`.
-    fn decompressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
+    pub(crate) fn decompressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
         if let Some((at, data)) = &*lock(&self.last_compressed)
             && *at == host
         {
@@ -587,10 +620,10 @@ impl Qcow2Image {
     /// `len` > 0, within the virtual size) that all read the same way, through the
     /// backing chain.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        if len == 0 || offset >= self.size {
-            return Err(Qcow2Error::OutOfRange { offset, len, size: self.size });
+        if len == 0 || offset >= self.size() {
+            return Err(Qcow2Error::OutOfRange { offset, len, size: self.size() });
         }
-        let len = len.min(self.size - offset);
+        let len = len.min(self.size() - offset);
         let (mapping, run) = self.extent(offset, len)?;
         let in_cluster = offset & (self.cluster_size() - 1);
         let here = |state, offset, compressed| BlockStatus {
@@ -654,7 +687,7 @@ impl Qcow2Image {
         Ok(refcount::get(&data, block_index, order))
     }
 
-    fn refcount_block(&self, offset: u64) -> Result<Arc<[u8]>> {
+    pub(crate) fn refcount_block(&self, offset: u64) -> Result<Arc<[u8]>> {
         if let Some(b) = lock(&self.refblock_cache).get(offset) {
             return Ok(b);
         }
@@ -663,8 +696,7 @@ impl Qcow2Image {
             .read_at(&mut data, offset)
             .map_err(Qcow2Error::io("reading a refcount block", offset))?;
         let data: Arc<[u8]> = data.into();
-        lock(&self.refblock_cache).insert(offset, Arc::clone(&data));
-        Ok(data)
+        Ok(lock(&self.refblock_cache).insert_clean(offset, data))
     }
 }
 
@@ -674,7 +706,7 @@ impl BackingImage for Qcow2Image {
     }
 
     fn len(&self) -> u64 {
-        self.size
+        self.size()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -711,7 +743,7 @@ pub fn read_header(storage: &dyn Storage, file_len: u64) -> Result<Header> {
 }
 
 /// Reads a table of big-endian u64 (`bytes` is bounded by the caller).
-fn read_table(
+pub(crate) fn read_table(
     storage: &dyn Storage,
     offset: u64,
     bytes: u64,

@@ -10,12 +10,19 @@
 //! - [`header`]: the header, its extensions and the feature name table.
 //! - [`l2`], [`refcount`]: table entries and caches; [`snapshot`]: the snapshot table.
 //! - [`backing`]: the [`BackingImage`] trait, raw images, opening backing chains.
+//! - [`write`](mod@write): the write path of [`Qcow2Image`] (writes, zero writes, discards, flush,
+//!   resize) and its crash-safe ordering.
+//! - [`create`]: new images, laid out as `qemu-img create -f qcow2` lays them out;
+//!   [`check`]: the consistency check and leak repair of `qemu-img check`.
 
 #![deny(missing_docs)]
 
 pub mod backing;
 pub mod bitmaps;
+mod cache;
+pub mod check;
 pub mod compress;
+pub mod create;
 pub mod error;
 pub mod header;
 pub mod image;
@@ -23,6 +30,7 @@ pub mod l2;
 pub mod refcount;
 pub mod snapshot;
 pub mod storage;
+pub mod write;
 
 pub use backing::{BackingImage, BlockState, BlockStatus, RawImage, open_file_chain};
 pub use error::{FeatureKind, Qcow2Error};
