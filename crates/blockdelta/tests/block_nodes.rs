@@ -281,3 +281,49 @@ async fn qcow2_nodes_read_qemu_images_through_their_backing_chain() {
     assert!(err.to_string().contains("not a qcow2 image"), "{err}");
     assert_eq!(graph.nodes().len(), 2, "{:?}", graph.nodes());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_nodes_write_images_qemu_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (ours, theirs, base) = (path("ours.qcow2"), path("theirs.qcow2"), path("base.raw"));
+    std::fs::write(&base, vec![0x33u8; 4 * MIB as usize]).unwrap();
+    for img in [&ours, &theirs] {
+        testkit::qemu_img(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base, img]).unwrap();
+    }
+    // The same requests through a blockdelta node and through qemu-io.
+    let graph = BlockGraph::new();
+    let disk = graph
+        .add_from_str(&format!(
+            "driver=qcow2,node-name=disk0,discard=unmap,file.driver=file,file.filename={ours}"
+        ))
+        .unwrap();
+    add_bitmap(&disk, "b");
+    disk.write(vec![0x44; 5000], 70_000, false).await.unwrap();
+    disk.write_zeroes(MIB, 3 * 65536, ZeroFlags::default()).await.unwrap();
+    disk.discard(2 * MIB, 65536).await.unwrap();
+    disk.write(vec![0x55; 512], 4 * MIB - 512, true).await.unwrap();
+    disk.flush().await.unwrap();
+    assert_eq!(count(&disk, "b"), (1 + 3 + 1 + 1) * 65536);
+    drop(disk);
+    drop(graph);
+    testkit::qemu_io([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x44 70000 5000",
+        "-c",
+        "write -z 1M 192k",
+        "-c",
+        "discard 2M 64k",
+        "-c",
+        "write -P 0x55 4193792 512",
+        &theirs,
+    ])
+    .unwrap();
+    let check = testkit::qemu_img(["check", &ours]).unwrap();
+    assert!(check.contains("No errors were found"), "{check}");
+    let compare =
+        testkit::qemu_img(["compare", "-f", "qcow2", "-F", "qcow2", &ours, &theirs]).unwrap();
+    assert!(compare.contains("Images are identical"), "{compare}");
+}

@@ -223,30 +223,29 @@ impl BlockDriver for Qcow2Driver {
         self.image.read_at(buf, offset).map_err(to_io)
     }
 
-    fn write(&self, _buf: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
-        Err(unsupported())
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.image.write_at(buf, offset).map_err(to_io)?;
+        if fua { self.flush() } else { Ok(()) }
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> io::Result<()> {
-        Err(unsupported())
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.image.write_zeroes(offset, len, flags.may_unmap).map_err(to_io)?;
+        if flags.fua { self.flush() } else { Ok(()) }
     }
 
-    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Err(unsupported())
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.image.discard(offset, len).map_err(to_io)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.flush_blocking()
+        // The image's flush orders its metadata and syncs the file.
+        self.image.flush().map_err(to_io)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let status = self.image.block_status(offset, len).map_err(to_io)?;
         Ok(from_image_status(status))
     }
-}
-
-fn unsupported() -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "writing qcow2 images is not implemented yet")
 }
 
 /// The image's status in the node's terms (allocation depth counted from 1).
