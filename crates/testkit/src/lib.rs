@@ -42,5 +42,6 @@ mod tools;
 pub use rng::SplitMix64;
 pub use serde_json;
 pub use tools::{
-    DEFAULT_RUN_TIMEOUT, find_tool, nbd_unix_uri, qemu_img, qemu_io, require_tool, run, run_timeout,
+    DEFAULT_RUN_TIMEOUT, create_qcow2, find_tool, nbd_unix_uri, qemu_img, qemu_io, require_tool,
+    run, run_timeout,
 };

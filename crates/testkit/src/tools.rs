@@ -1,6 +1,6 @@
 //! Finding and running external programs.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
@@ -145,6 +145,25 @@ where
     S: AsRef<OsStr>,
 {
     run(Command::new(require_tool("qemu-img")).args(args))
+}
+
+/// Creates a qcow2 image with `qemu-img create -f qcow2 [-o OPTS] [-b BACKING -F FMT]
+/// PATH SIZE`; `opts` may be empty, `size` is anything `qemu-img` takes (`64M`, bytes).
+pub fn create_qcow2(
+    path: &std::path::Path,
+    size: &str,
+    opts: &str,
+    backing: Option<(&std::path::Path, &str)>,
+) -> anyhow::Result<String> {
+    let mut args: Vec<OsString> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+    if !opts.is_empty() {
+        args.extend(["-o".into(), opts.into()]);
+    }
+    if let Some((file, format)) = backing {
+        args.extend(["-b".into(), file.into(), "-F".into(), format.into()]);
+    }
+    args.extend([path.into(), size.into()]);
+    qemu_img(args)
 }
 
 /// Runs `qemu-io ARGS` (see [`run`]); panics if `qemu-io` is missing. `qemu-io` exits

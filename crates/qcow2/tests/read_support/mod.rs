@@ -41,20 +41,7 @@ pub fn io(fmt: &str, file: &Path, cmds: &[&str]) {
 
 /// Creates a qcow2 image with extra `-o` options and optional backing.
 pub fn create(path: &Path, size: &str, opts: &str, backing: Option<(&Path, &str)>) {
-    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-    if !opts.is_empty() {
-        args.push("-o".into());
-        args.push(opts.into());
-    }
-    if let Some((b, fmt)) = backing {
-        args.push("-b".into());
-        args.push(b.display().to_string());
-        args.push("-F".into());
-        args.push(fmt.into());
-    }
-    args.push(path.display().to_string());
-    args.push(size.into());
-    testkit::qemu_img(&args).unwrap();
+    testkit::create_qcow2(path, size, opts, backing).unwrap();
 }
 
 /// The guest contents of `path` as `qemu-img convert -O raw` reads them.

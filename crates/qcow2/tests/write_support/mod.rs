@@ -15,20 +15,7 @@ pub fn img(args: &[&str]) -> String {
 
 /// Creates a qcow2 image with `-o OPTS` and an optional backing file (path, format).
 pub fn create(path: &Path, size: u64, opts: &str, backing: Option<(&Path, &str)>) {
-    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-    if !opts.is_empty() {
-        args.push("-o".into());
-        args.push(opts.into());
-    }
-    if let Some((b, fmt)) = backing {
-        args.push("-b".into());
-        args.push(b.display().to_string());
-        args.push("-F".into());
-        args.push(fmt.into());
-    }
-    args.push(path.display().to_string());
-    args.push(size.to_string());
-    testkit::qemu_img(&args).unwrap();
+    testkit::create_qcow2(path, &size.to_string(), opts, backing).unwrap();
 }
 
 /// `qemu-img check --output=json`: (exit code, report). Panics on a report with
