@@ -655,6 +655,16 @@ impl Qcow2Image {
 
     // ---------------------------------------------------------------- guest writes
 
+    /// Whether a cluster under `mapping` reads as zeroes without looking at data: a zero
+    /// cluster, or an unallocated one when there is no backing file.
+    fn reads_as_zeroes(&self, mapping: ClusterMapping) -> bool {
+        match mapping {
+            ClusterMapping::Zero { .. } => true,
+            ClusterMapping::Unallocated => !self.has_backing_file(),
+            _ => false,
+        }
+    }
+
     /// Reads what guest cluster `c` holds under `mapping` into `buf` (one cluster).
     fn read_old(&self, mapping: ClusterMapping, c: u64, buf: &mut [u8]) -> Result<()> {
         match mapping {
@@ -749,9 +759,18 @@ impl Qcow2Image {
                 self.swrite(&data[rf..rt], rh, "writing data")?;
             }
             if let Plan::Alloc { host, old } = *plan {
+                let at = (from - cstart) as usize;
+                if self.reads_as_zeroes(old) {
+                    // Nothing to copy: zero the new cluster cheaply (no 64 KiB buffer
+                    // of zeroes through the page cache), then write the request.
+                    self.storage
+                        .write_zeroes(host, cs)
+                        .map_err(Qcow2Error::io("zeroing a new cluster", host))?;
+                    self.swrite(&data[dfrom..dto], host + at as u64, "writing data")?;
+                    continue;
+                }
                 let cluster_buf = aligned(&mut cluster_storage, cs as usize);
                 self.read_old(old, c, cluster_buf)?;
-                let at = (from - cstart) as usize;
                 cluster_buf[at..at + (dto - dfrom)].copy_from_slice(&data[dfrom..dto]);
                 self.swrite(cluster_buf, host, "writing data")?;
             }

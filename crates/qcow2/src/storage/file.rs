@@ -454,11 +454,9 @@ impl Storage for FileStorage {
         }
         let end = end_of(offset, len)?;
         let _guard = self.exclusive();
-        let size = self.len()?;
-        if offset >= size {
-            // Extending the file leaves zeroes.
-            return self.file.set_len(end).map_err(|e| self.error("cannot resize", e));
-        }
+        // ZERO_RANGE also extends the file when the range reaches past its end, and,
+        // unlike a length check followed by set_len, can never shrink it under a
+        // concurrent write past the end.
         match rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
             Err(_) => self.write_zero_buffers(offset, end),
