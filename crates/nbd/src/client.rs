@@ -1,0 +1,419 @@
+//! A small sequential NBD client: fixed newstyle negotiation with `OPT_GO`, structured
+//! replies (and extended headers when the server accepts them), metadata context
+//! selection, and the basic commands.
+
+use std::io;
+use std::path::Path;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::codec::{
+    self, CodecError, Extent, Info, InfoRequest, MetaContextRequest, OptionHeader,
+    OptionReplyHeader, ReplyHeader, Request,
+};
+use crate::proto::*;
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Connection I/O failed.
+    #[error("connection I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The server sent a malformed message.
+    #[error("malformed message from server: {0}")]
+    Protocol(#[from] CodecError),
+    /// The server answered an option with an error reply.
+    #[error("option {option} failed with {error:#x}: {message}")]
+    Option {
+        /// The option.
+        option: u32,
+        /// The `REP_ERR_*` value.
+        error: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered a command with an error.
+    #[error("command failed with NBD error {errno}: {message}")]
+    Command {
+        /// The NBD error value.
+        errno: u32,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// The server did something the protocol forbids.
+    #[error("unexpected reply: {0}")]
+    Unexpected(&'static str),
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// What to negotiate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Export name ("" for the default export).
+    pub export: String,
+    /// Metadata contexts to select (requires structured replies).
+    pub meta_contexts: Vec<String>,
+    /// Try `OPT_EXTENDED_HEADERS` first.
+    pub extended_headers: bool,
+}
+
+/// A connected client in the transmission phase.
+#[derive(Debug)]
+pub struct Client<S> {
+    stream: S,
+    size: u64,
+    flags: u16,
+    extended: bool,
+    structured: bool,
+    contexts: Vec<(u32, String)>,
+    cookie: u64,
+}
+
+impl Client<UnixStream> {
+    /// Connects to a unix socket and negotiates.
+    pub async fn connect_unix(path: &Path, options: &ClientOptions) -> Result<Self> {
+        Self::handshake(UnixStream::connect(path).await?, options).await
+    }
+}
+
+/// Bound on option reply payloads the client accepts.
+const MAX_OPTION_REPLY: u32 = 1 << 20;
+/// Bound on reply chunk payloads the client accepts.
+const MAX_CHUNK: u64 = MAX_PAYLOAD as u64 + 16 * MAX_EXTENTS as u64 + 64;
+
+async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, payload: &[u8]) -> Result<()> {
+    let mut out = Vec::new();
+    OptionHeader::encode(option, payload, &mut out);
+    s.write_all(&out).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+async fn read_option_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Result<(u32, Vec<u8>)> {
+    let mut b = [0u8; codec::OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut b).await?;
+    let h = OptionReplyHeader::parse(&b)?;
+    if h.option != option {
+        return Err(ClientError::Unexpected("option reply for another option"));
+    }
+    if h.length > MAX_OPTION_REPLY {
+        return Err(ClientError::Unexpected("option reply too large"));
+    }
+    let mut p = vec![0u8; h.length as usize];
+    s.read_exact(&mut p).await?;
+    if h.reply_type & REP_FLAG_ERROR != 0 {
+        return Err(ClientError::Option {
+            option,
+            error: h.reply_type,
+            message: String::from_utf8_lossy(&p).into_owned(),
+        });
+    }
+    Ok((h.reply_type, p))
+}
+
+/// Sends the greeting reply and returns the stream ready for options.
+async fn start<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
+    let mut g = [0u8; codec::GREETING_LEN];
+    s.read_exact(&mut g).await?;
+    let hflags = codec::parse_greeting(&g)?;
+    if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Unexpected("server does not support fixed newstyle"));
+    }
+    let mut c = FLAG_C_FIXED_NEWSTYLE;
+    if hflags & FLAG_NO_ZEROES != 0 {
+        c |= FLAG_C_NO_ZEROES;
+    }
+    s.write_all(&c.to_be_bytes()).await?;
+    Ok(())
+}
+
+/// Lists the exports of the server at `path` as (name, description).
+pub async fn list_exports(path: &Path) -> Result<Vec<(String, String)>> {
+    let mut s = UnixStream::connect(path).await?;
+    start(&mut s).await?;
+    send_option(&mut s, OPT_LIST, &[]).await?;
+    let mut v = Vec::new();
+    loop {
+        let (ty, p) = read_option_reply(&mut s, OPT_LIST).await?;
+        match ty {
+            REP_SERVER => v.push(codec::parse_rep_server(&p)?),
+            REP_ACK => break,
+            _ => return Err(ClientError::Unexpected("reply type in OPT_LIST")),
+        }
+    }
+    send_option(&mut s, OPT_ABORT, &[]).await?;
+    Ok(v)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Negotiates on `stream`: extended headers (if asked) or structured replies, the
+    /// metadata contexts, then `OPT_GO`.
+    pub async fn handshake(mut stream: S, options: &ClientOptions) -> Result<Self> {
+        start(&mut stream).await?;
+        let mut extended = false;
+        if options.extended_headers {
+            send_option(&mut stream, OPT_EXTENDED_HEADERS, &[]).await?;
+            match read_option_reply(&mut stream, OPT_EXTENDED_HEADERS).await {
+                Ok((REP_ACK, _)) => extended = true,
+                Ok(_) => return Err(ClientError::Unexpected("reply to OPT_EXTENDED_HEADERS")),
+                Err(ClientError::Option { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut structured = extended;
+        if !extended {
+            send_option(&mut stream, OPT_STRUCTURED_REPLY, &[]).await?;
+            match read_option_reply(&mut stream, OPT_STRUCTURED_REPLY).await {
+                Ok((REP_ACK, _)) => structured = true,
+                Ok(_) => return Err(ClientError::Unexpected("reply to OPT_STRUCTURED_REPLY")),
+                Err(ClientError::Option { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut contexts = Vec::new();
+        if !options.meta_contexts.is_empty() {
+            let req = MetaContextRequest {
+                export: options.export.clone(),
+                queries: options.meta_contexts.clone(),
+            };
+            send_option(&mut stream, OPT_SET_META_CONTEXT, &req.encode()).await?;
+            loop {
+                let (ty, p) = read_option_reply(&mut stream, OPT_SET_META_CONTEXT).await?;
+                match ty {
+                    REP_META_CONTEXT => contexts.push(codec::parse_rep_meta_context(&p)?),
+                    REP_ACK => break,
+                    _ => return Err(ClientError::Unexpected("reply to OPT_SET_META_CONTEXT")),
+                }
+            }
+        }
+        let req = InfoRequest { export: options.export.clone(), infos: vec![INFO_BLOCK_SIZE] };
+        send_option(&mut stream, OPT_GO, &req.encode()).await?;
+        let mut export = None;
+        loop {
+            let (ty, p) = read_option_reply(&mut stream, OPT_GO).await?;
+            match ty {
+                REP_INFO => {
+                    if let Info::Export { size, flags } = Info::parse(&p)? {
+                        export = Some((size, flags));
+                    }
+                }
+                REP_ACK => break,
+                _ => return Err(ClientError::Unexpected("reply to OPT_GO")),
+            }
+        }
+        let Some((size, flags)) = export else {
+            return Err(ClientError::Unexpected("no NBD_INFO_EXPORT"));
+        };
+        Ok(Client { stream, size, flags, extended, structured, contexts, cookie: 0 })
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Transmission flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+    /// Whether extended headers are in use.
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+    /// Whether structured replies are in use.
+    pub fn structured(&self) -> bool {
+        self.structured
+    }
+    /// The selected metadata contexts (id, name).
+    pub fn meta_contexts(&self) -> &[(u32, String)] {
+        &self.contexts
+    }
+
+    async fn send(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<u64> {
+        self.cookie += 1;
+        let mut flags = flags;
+        let mut length = length;
+        if self.extended && !payload.is_empty() {
+            flags |= CMD_FLAG_PAYLOAD_LEN;
+            length = payload.len() as u64;
+        }
+        let req = Request { flags, command, cookie: self.cookie, offset, length };
+        let mut out = Vec::with_capacity(codec::EXTENDED_REQUEST_LEN + payload.len());
+        req.encode(&mut out, self.extended)?;
+        out.extend_from_slice(payload);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(self.cookie)
+    }
+
+    /// Reads the whole reply to `cookie`, feeding content to `on_chunk(type, payload)`.
+    /// `read_len` is the length of simple-reply data for a read.
+    async fn reply(
+        &mut self,
+        cookie: u64,
+        read_len: usize,
+        mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut error: Option<ClientError> = None;
+        loop {
+            let mut magic = [0u8; 4];
+            self.stream.read_exact(&mut magic).await?;
+            let n = ReplyHeader::len_for_magic(magic)?;
+            let mut b = [0u8; codec::EXTENDED_REPLY_LEN];
+            b[..4].copy_from_slice(&magic);
+            self.stream.read_exact(&mut b[4..n]).await?;
+            match ReplyHeader::parse(&b[..n])? {
+                ReplyHeader::Simple { error: e, cookie: c } => {
+                    if c != cookie {
+                        return Err(ClientError::Unexpected("cookie mismatch"));
+                    }
+                    if e != 0 {
+                        return Err(ClientError::Command { errno: e, message: String::new() });
+                    }
+                    if read_len > 0 {
+                        let mut data = vec![0u8; read_len];
+                        self.stream.read_exact(&mut data).await?;
+                        on_chunk(u16::MAX, &data)?;
+                    }
+                    return Ok(());
+                }
+                ReplyHeader::Chunk { flags, chunk_type, cookie: c, length } => {
+                    if c != cookie {
+                        return Err(ClientError::Unexpected("cookie mismatch"));
+                    }
+                    if length > MAX_CHUNK {
+                        return Err(ClientError::Unexpected("chunk too large"));
+                    }
+                    let mut p = vec![0u8; length as usize];
+                    self.stream.read_exact(&mut p).await?;
+                    if chunk_type & REPLY_TYPE_FLAG_ERROR != 0 {
+                        let (errno, message, _) = codec::parse_error_chunk(&p, chunk_type)?;
+                        error.get_or_insert(ClientError::Command { errno, message });
+                    } else if chunk_type != REPLY_TYPE_NONE {
+                        on_chunk(chunk_type, &p)?;
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        return error.map_or(Ok(()), Err);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cookie = self.send(CMD_READ, 0, offset, buf.len() as u64, &[]).await?;
+        let len = buf.len();
+        self.reply(cookie, len, |ty, p| {
+            let place = |off: u64, n: usize| -> Result<std::ops::Range<usize>> {
+                let start = off
+                    .checked_sub(offset)
+                    .ok_or(ClientError::Unexpected("chunk before request"))?;
+                let end = start.checked_add(n as u64).filter(|&e| e <= len as u64);
+                let end = end.ok_or(ClientError::Unexpected("chunk beyond request"))?;
+                Ok(start as usize..end as usize)
+            };
+            match ty {
+                u16::MAX if p.len() == buf.len() => buf.copy_from_slice(p),
+                REPLY_TYPE_OFFSET_DATA => {
+                    let (o, d) =
+                        p.split_at_checked(8).ok_or(ClientError::Unexpected("short data chunk"))?;
+                    let off = u64::from_be_bytes(
+                        o.try_into().map_err(|_| ClientError::Unexpected("short"))?,
+                    );
+                    let r = place(off, d.len())?;
+                    buf[r].copy_from_slice(d);
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    if p.len() != 12 {
+                        return Err(ClientError::Unexpected("bad hole chunk"));
+                    }
+                    let off = u64::from_be_bytes(
+                        p[..8].try_into().map_err(|_| ClientError::Unexpected("short"))?,
+                    );
+                    let n = u32::from_be_bytes(
+                        p[8..].try_into().map_err(|_| ClientError::Unexpected("short"))?,
+                    );
+                    let r = place(off, n as usize)?;
+                    buf[r].fill(0);
+                }
+                _ => return Err(ClientError::Unexpected("chunk type in read reply")),
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn simple_command(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<()> {
+        let cookie = self.send(command, flags, offset, length, payload).await?;
+        self.reply(cookie, 0, |_, _| Err(ClientError::Unexpected("payload in reply"))).await
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.simple_command(CMD_WRITE, flags, offset, data.len() as u64, data).await
+    }
+    /// Flushes.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.simple_command(CMD_FLUSH, 0, 0, 0, &[]).await
+    }
+    /// Trims `len` bytes at `offset`.
+    pub async fn trim(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.simple_command(CMD_TRIM, 0, offset, len, &[]).await
+    }
+    /// Zeroes `len` bytes at `offset` with command flags (`CMD_FLAG_NO_HOLE`,
+    /// `CMD_FLAG_FAST_ZERO`, `CMD_FLAG_FUA`).
+    pub async fn write_zeroes(&mut self, offset: u64, len: u64, flags: u16) -> Result<()> {
+        self.simple_command(CMD_WRITE_ZEROES, flags, offset, len, &[]).await
+    }
+    /// Sends a raw command without payload (for tests of error paths).
+    pub async fn command(&mut self, command: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
+        self.simple_command(command, flags, offset, len, &[]).await
+    }
+
+    /// Block status of every selected context: (context id, extents).
+    pub async fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    ) -> Result<Vec<(u32, Vec<Extent>)>> {
+        let flags = if req_one { CMD_FLAG_REQ_ONE } else { 0 };
+        let cookie = self.send(CMD_BLOCK_STATUS, flags, offset, len, &[]).await?;
+        let mut v = Vec::new();
+        self.reply(cookie, 0, |ty, p| {
+            match ty {
+                REPLY_TYPE_BLOCK_STATUS => v.push(codec::parse_block_status(p, false)?),
+                REPLY_TYPE_BLOCK_STATUS_EXT => v.push(codec::parse_block_status(p, true)?),
+                _ => return Err(ClientError::Unexpected("chunk type in block status reply")),
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(v)
+    }
+
+    /// Sends `CMD_DISC` and closes the connection.
+    pub async fn disconnect(mut self) -> Result<()> {
+        self.send(CMD_DISC, 0, 0, 0, &[]).await?;
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,787 @@
+//! A tokio NBD server: fixed newstyle negotiation and the transmission phase, serving
+//! the exports of an [`Exports`] registry.
+//!
+//! Every connection runs in its own task; requests on one connection are handled
+//! concurrently and answered as they complete. A protocol violation ends only the
+//! connection of the client that committed it.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::codec::{
+    self, ChunkStyle, CodecError, Extent, InfoRequest, MetaContextRequest, OptionHeader, Request,
+};
+use crate::export::{Export, ExportError, Exports, ZeroFlags};
+use crate::proto::*;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Reading from or writing to the client failed (including EOF mid-message).
+    #[error("connection I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The client sent a malformed message that forces a disconnect.
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] CodecError),
+    /// The client violated the protocol in a way that is not a framing error.
+    #[error("protocol violation: {0}")]
+    Violation(&'static str),
+}
+
+/// Largest option payload that is consumed and answered with `REP_ERR_TOO_BIG`; larger
+/// ones end the connection.
+const MAX_SKIPPED_OPTION: u32 = 1 << 20;
+/// Memory budget of one connection's in-flight requests, in 1 MiB units.
+const INFLIGHT_MIB: u32 = 96;
+/// Granularity of hole detection in structured reads.
+const HOLE_GRANULE: u64 = 4096;
+
+/// An NBD server over an [`Exports`] registry.
+#[derive(Debug, Clone)]
+pub struct Server {
+    exports: Arc<Exports>,
+}
+
+/// A running listener; dropping it (or [`ServerHandle::stop`]) stops accepting and ends
+/// all its connections.
+#[derive(Debug)]
+pub struct ServerHandle {
+    task: JoinHandle<()>,
+    socket: Option<PathBuf>,
+    local_addr: Option<std::net::SocketAddr>,
+}
+
+impl ServerHandle {
+    /// The unix socket path, if listening on one.
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.socket.as_deref()
+    }
+    /// The TCP address, if listening on TCP.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local_addr
+    }
+    /// Stops the listener and its connections, and removes the unix socket.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Server {
+    /// A server for `exports`.
+    pub fn new(exports: Arc<Exports>) -> Self {
+        Server { exports }
+    }
+
+    /// The registry.
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
+    }
+
+    /// Listens on a new unix socket at `path` (mode 0600) and serves clients in a
+    /// background task.
+    pub async fn listen_unix(&self, path: &Path) -> io::Result<ServerHandle> {
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let s = server.clone();
+                            conns.spawn(async move { let _ = s.serve(stream).await; });
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(ServerHandle { task, socket: Some(path.to_owned()), local_addr: None })
+    }
+
+    /// Listens on TCP `addr` and serves clients in a background task.
+    pub async fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<ServerHandle> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            let s = server.clone();
+                            conns.spawn(async move { let _ = s.serve(stream).await; });
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(ServerHandle { task, socket: None, local_addr: Some(local) })
+    }
+
+    /// Serves one client on `stream` until it disconnects. `Ok` after a clean end
+    /// (`OPT_ABORT`, `CMD_DISC`, or EOF between messages).
+    pub async fn serve<S>(&self, stream: S) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let Some(session) = negotiate(&self.exports, &mut rd, &mut wr).await? else {
+            return Ok(());
+        };
+        transmission(session, rd, wr).await
+    }
+}
+
+/// The state at the start of transmission.
+struct Session {
+    export: Arc<dyn Export>,
+    flags: u16,
+    structured: bool,
+    extended: bool,
+    contexts: Vec<(u32, String)>,
+}
+
+async fn read_array<R: AsyncRead + Unpin, const N: usize>(rd: &mut R) -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    rd.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+/// Reads and drops `n` bytes with a bounded buffer.
+async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+    let mut buf = [0u8; 8192];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        rd.read_exact(&mut buf[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+fn transmission_flags(export: &dyn Export, structured: bool, extended: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS;
+    if export.read_only() {
+        f |= FLAG_READ_ONLY;
+    }
+    if export.can_flush() {
+        f |= FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+    }
+    if !export.read_only() {
+        if export.can_trim() {
+            f |= FLAG_SEND_TRIM;
+        }
+        if export.can_write_zeroes() {
+            f |= FLAG_SEND_WRITE_ZEROES;
+            if export.can_fast_zero() {
+                f |= FLAG_SEND_FAST_ZERO;
+            }
+        }
+    }
+    if export.can_cache() {
+        f |= FLAG_SEND_CACHE;
+    }
+    if export.can_multi_conn() {
+        f |= FLAG_CAN_MULTI_CONN;
+    }
+    if structured || extended {
+        f |= FLAG_SEND_DF;
+    }
+    if extended {
+        f |= FLAG_BLOCK_STATUS_PAYLOAD;
+    }
+    f
+}
+
+/// The contexts of `export` (id = index) matching `queries`. `list` enables the
+/// wildcard queries of `OPT_LIST_META_CONTEXT` (`base:`, `qemu:`, `qemu:dirty-bitmap:`,
+/// and no query at all).
+fn match_contexts(export: &dyn Export, queries: &[String], list: bool) -> Vec<(u32, String)> {
+    let mut all = vec![CONTEXT_BASE_ALLOCATION.to_owned()];
+    for c in export.meta_contexts() {
+        if !all.contains(&c) {
+            all.push(c);
+        }
+    }
+    let mut selected = vec![false; all.len()];
+    if list && queries.is_empty() {
+        selected.iter_mut().for_each(|s| *s = true);
+    }
+    for q in queries {
+        for (i, name) in all.iter().enumerate() {
+            let wildcard = list && q.ends_with(':') && name.starts_with(q.as_str());
+            if name == q || wildcard {
+                selected[i] = true;
+            }
+        }
+    }
+    all.into_iter()
+        .enumerate()
+        .filter(|(i, _)| selected[*i])
+        .map(|(i, n)| (u32::try_from(i).unwrap_or(u32::MAX), n))
+        .collect()
+}
+
+/// Fixed newstyle negotiation. `None`: the client ended the session cleanly.
+async fn negotiate<R, W>(
+    exports: &Exports,
+    rd: &mut R,
+    wr: &mut W,
+) -> Result<Option<Session>, ServeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hflags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+    wr.write_all(&codec::encode_greeting(hflags)).await?;
+    wr.flush().await?;
+    let cflags = codec::parse_client_flags(read_array(rd).await?, hflags)?;
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut extended = false;
+    let mut meta: Option<(String, Vec<(u32, String)>)> = None;
+    let mut out = Vec::new();
+    loop {
+        out.clear();
+        let hdr = OptionHeader::parse(&read_array(rd).await?)?;
+        let opt = hdr.option;
+        if hdr.length > MAX_OPTION_PAYLOAD {
+            if hdr.length > MAX_SKIPPED_OPTION || opt == OPT_EXPORT_NAME {
+                return Err(ServeError::Violation("oversized option"));
+            }
+            skip(rd, hdr.length.into()).await?;
+            codec::encode_rep_error(&mut out, opt, REP_ERR_TOO_BIG, "option payload too large");
+            wr.write_all(&out).await?;
+            continue;
+        }
+        let mut payload = vec![0u8; hdr.length as usize];
+        rd.read_exact(&mut payload).await?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                if extended {
+                    return Err(ServeError::Violation("EXPORT_NAME after extended headers"));
+                }
+                let name = codec::parse_export_name(&payload)?;
+                let Some((canonical, export)) = exports.get(&name) else {
+                    return Err(ServeError::Violation("unknown export"));
+                };
+                let flags = transmission_flags(&*export, structured, false);
+                codec::encode_export_name_reply(&mut out, export.size(), flags, no_zeroes);
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                let contexts = selected_for(&mut meta, &canonical);
+                return Ok(Some(Session { export, flags, structured, extended, contexts }));
+            }
+            OPT_ABORT => {
+                codec::encode_rep_ack(&mut out, opt);
+                // The client may already have closed; ignore failures.
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !payload.is_empty() {
+                    codec::encode_rep_error(
+                        &mut out,
+                        opt,
+                        REP_ERR_INVALID,
+                        "OPT_LIST takes no data",
+                    );
+                } else {
+                    for name in exports.names() {
+                        let desc =
+                            exports.get(&name).map(|(_, e)| e.description()).unwrap_or_default();
+                        codec::encode_rep_server(&mut out, &name, &desc);
+                    }
+                    codec::encode_rep_ack(&mut out, opt);
+                }
+            }
+            OPT_INFO | OPT_GO => match InfoRequest::parse(&payload) {
+                Err(e) => codec::encode_rep_error(
+                    &mut out,
+                    opt,
+                    REP_ERR_INVALID,
+                    &format!("malformed request: {e}"),
+                ),
+                Ok(req) => match exports.get(&req.export) {
+                    None => codec::encode_rep_error(
+                        &mut out,
+                        opt,
+                        REP_ERR_UNKNOWN,
+                        &format!("export '{}' not present", req.export),
+                    ),
+                    Some((canonical, export)) => {
+                        let flags = transmission_flags(&*export, structured, extended);
+                        if req.infos.contains(&INFO_NAME) {
+                            codec::encode_info_name(&mut out, opt, &canonical);
+                        }
+                        let desc = export.description();
+                        if req.infos.contains(&INFO_DESCRIPTION) && !desc.is_empty() {
+                            codec::encode_info_description(&mut out, opt, &desc);
+                        }
+                        if req.infos.contains(&INFO_BLOCK_SIZE) {
+                            codec::encode_info_block_size(&mut out, opt, export.block_size());
+                        }
+                        codec::encode_info_export(&mut out, opt, export.size(), flags);
+                        codec::encode_rep_ack(&mut out, opt);
+                        if opt == OPT_GO {
+                            wr.write_all(&out).await?;
+                            wr.flush().await?;
+                            let contexts = selected_for(&mut meta, &canonical);
+                            return Ok(Some(Session {
+                                export,
+                                flags,
+                                structured,
+                                extended,
+                                contexts,
+                            }));
+                        }
+                    }
+                },
+            },
+            OPT_STRUCTURED_REPLY => {
+                if !payload.is_empty() {
+                    codec::encode_rep_error(&mut out, opt, REP_ERR_INVALID, "option takes no data");
+                } else if extended {
+                    codec::encode_rep_error(
+                        &mut out,
+                        opt,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    structured = true;
+                    codec::encode_rep_ack(&mut out, opt);
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !payload.is_empty() {
+                    codec::encode_rep_error(&mut out, opt, REP_ERR_INVALID, "option takes no data");
+                } else {
+                    extended = true;
+                    codec::encode_rep_ack(&mut out, opt);
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set {
+                    meta = None;
+                }
+                if !structured && !extended {
+                    codec::encode_rep_error(
+                        &mut out,
+                        opt,
+                        REP_ERR_INVALID,
+                        "structured replies not negotiated",
+                    );
+                } else {
+                    match MetaContextRequest::parse(&payload) {
+                        Err(e) => codec::encode_rep_error(
+                            &mut out,
+                            opt,
+                            REP_ERR_INVALID,
+                            &format!("malformed request: {e}"),
+                        ),
+                        Ok(req) => match exports.get(&req.export) {
+                            None => codec::encode_rep_error(
+                                &mut out,
+                                opt,
+                                REP_ERR_UNKNOWN,
+                                &format!("export '{}' not present", req.export),
+                            ),
+                            Some((canonical, export)) => {
+                                let found = match_contexts(&*export, &req.queries, !set);
+                                for (id, name) in &found {
+                                    codec::encode_rep_meta_context(&mut out, opt, *id, name);
+                                }
+                                codec::encode_rep_ack(&mut out, opt);
+                                if set {
+                                    meta = Some((canonical, found));
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+            OPT_STARTTLS => {
+                codec::encode_rep_error(&mut out, opt, REP_ERR_POLICY, "TLS is not supported")
+            }
+            _ => codec::encode_rep_error(
+                &mut out,
+                opt,
+                REP_ERR_UNSUP,
+                &format!("option {opt} not supported"),
+            ),
+        }
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+    }
+}
+
+fn selected_for(
+    meta: &mut Option<(String, Vec<(u32, String)>)>,
+    export: &str,
+) -> Vec<(u32, String)> {
+    match meta.take() {
+        Some((e, c)) if e == export => c,
+        _ => Vec::new(),
+    }
+}
+
+type Outgoing = (Vec<u8>, OwnedSemaphorePermit);
+
+async fn transmission<R, W>(session: Session, mut rd: R, mut wr: W) -> Result<(), ServeError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Arc::new(session);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
+    let writer = tokio::spawn(async move {
+        while let Some((bytes, permit)) = rx.recv().await {
+            wr.write_all(&bytes).await?;
+            wr.flush().await?;
+            drop(permit);
+        }
+        wr.shutdown().await
+    });
+    let budget = Arc::new(Semaphore::new(INFLIGHT_MIB as usize));
+    let mut tasks = JoinSet::new();
+    let header_len =
+        if session.extended { codec::EXTENDED_REQUEST_LEN } else { codec::REQUEST_LEN };
+    let result = loop {
+        let mut hdr = [0u8; codec::EXTENDED_REQUEST_LEN];
+        // EOF before the first byte of a header is a clean (if rude) end.
+        match rd.read(&mut hdr[..1]).await {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e.into()),
+        }
+        if let Err(e) = rd.read_exact(&mut hdr[1..header_len]).await {
+            break Err(e.into());
+        }
+        let req = match Request::parse(&hdr[..header_len], session.extended) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        let plen = match req.payload_len(session.extended) {
+            Ok(n) => n,
+            Err(e) => break Err(e.into()),
+        };
+        if req.command == CMD_DISC {
+            if plen > 0 {
+                let _ = skip(&mut rd, plen as u64).await;
+            }
+            break Ok(());
+        }
+        let work =
+            if req.command == CMD_READ { req.length.min(MAX_PAYLOAD.into()) as usize } else { 0 };
+        let cost = (plen.max(work).div_ceil(1 << 20)).clamp(1, INFLIGHT_MIB as usize) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+            break Err(ServeError::Violation("semaphore closed"));
+        };
+        let mut payload = vec![0u8; plen];
+        if let Err(e) = rd.read_exact(&mut payload).await {
+            break Err(e.into());
+        }
+        let s = session.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let reply = handle_request(&s, req, payload).await;
+            let _ = tx.send((reply, permit)).await;
+        });
+        while tasks.try_join_next().is_some() {}
+    };
+    if result.is_err() {
+        // A hard disconnect: pending replies are dropped, and a client that stopped
+        // reading cannot keep this connection alive.
+        tasks.abort_all();
+        writer.abort();
+        return result;
+    }
+    // Finish in-flight requests (their replies are still sent), then close.
+    while tasks.join_next().await.is_some() {}
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn style(s: &Session, req: &Request) -> ChunkStyle {
+    if s.extended { ChunkStyle::Extended { offset: req.offset } } else { ChunkStyle::Structured }
+}
+
+/// An error reply in the negotiated style.
+fn error_reply(s: &Session, req: &Request, errno: u32, msg: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    if s.structured || s.extended {
+        let _ = codec::encode_chunk_error(&mut out, style(s, req), req.cookie, errno, msg);
+    } else {
+        codec::encode_simple_reply(&mut out, errno, req.cookie);
+    }
+    out
+}
+
+/// A success reply without payload.
+fn ok_reply(s: &Session, req: &Request) -> Vec<u8> {
+    let mut out = Vec::new();
+    if s.extended {
+        codec::encode_chunk_none(&mut out, style(s, req), req.cookie);
+    } else {
+        codec::encode_simple_reply(&mut out, 0, req.cookie);
+    }
+    out
+}
+
+fn export_error(s: &Session, req: &Request, e: &ExportError) -> Vec<u8> {
+    error_reply(s, req, e.nbd_errno(), &e.to_string())
+}
+
+const KNOWN_FLAGS: u16 = CMD_FLAG_FUA
+    | CMD_FLAG_NO_HOLE
+    | CMD_FLAG_DF
+    | CMD_FLAG_REQ_ONE
+    | CMD_FLAG_FAST_ZERO
+    | CMD_FLAG_PAYLOAD_LEN;
+
+async fn handle_request(s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
+    let e = &*s.export;
+    let size = e.size();
+    let f = s.flags;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    if req.flags & !KNOWN_FLAGS != 0 {
+        return error_reply(s, &req, EINVAL, "unknown command flags");
+    }
+    let has_payload = s.extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    if has_payload && !matches!(req.command, CMD_WRITE | CMD_BLOCK_STATUS) {
+        return error_reply(s, &req, EINVAL, "unexpected payload");
+    }
+    if fua && f & FLAG_SEND_FUA == 0 {
+        return error_reply(s, &req, EINVAL, "FUA not supported");
+    }
+    // Effect length: the payload length for WRITE, the payload's own field for BLOCK_STATUS.
+    let mut length = req.length;
+    let mut bs_ids: Option<Vec<u32>> = None;
+    if req.command == CMD_WRITE {
+        length = payload.len() as u64;
+    } else if has_payload {
+        match codec::parse_block_status_payload(&payload) {
+            Ok((l, ids)) => {
+                length = l;
+                bs_ids = Some(ids);
+            }
+            Err(err) => return error_reply(s, &req, EINVAL, &err.to_string()),
+        }
+    }
+    let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+    if writes && e.read_only() {
+        return error_reply(s, &req, EPERM, "export is read-only");
+    }
+    let in_bounds = req.offset.checked_add(length).is_some_and(|end| end <= size);
+    let needs_bounds = !matches!(req.command, CMD_FLUSH);
+    if needs_bounds && !in_bounds && req.command <= CMD_BLOCK_STATUS {
+        let errno =
+            if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+        return error_reply(s, &req, errno, "request beyond the end of the export");
+    }
+    let r = match req.command {
+        CMD_READ => return read(s, &req, length).await,
+        CMD_WRITE => e.write(req.offset, &payload, fua).await,
+        CMD_FLUSH => {
+            if f & FLAG_SEND_FLUSH == 0 {
+                return error_reply(s, &req, EINVAL, "flush not supported");
+            }
+            e.flush().await
+        }
+        CMD_TRIM => {
+            if f & FLAG_SEND_TRIM == 0 {
+                return error_reply(s, &req, EINVAL, "trim not supported");
+            }
+            if length == 0 { Ok(()) } else { e.trim(req.offset, length, fua).await }
+        }
+        CMD_CACHE => {
+            if f & FLAG_SEND_CACHE == 0 {
+                return error_reply(s, &req, EINVAL, "cache not supported");
+            }
+            if length == 0 { Ok(()) } else { e.cache(req.offset, length).await }
+        }
+        CMD_WRITE_ZEROES => {
+            if f & FLAG_SEND_WRITE_ZEROES == 0 {
+                return error_reply(s, &req, EINVAL, "write zeroes not supported");
+            }
+            let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+            if fast && f & FLAG_SEND_FAST_ZERO == 0 {
+                return error_reply(s, &req, EINVAL, "fast zero not supported");
+            }
+            let flags = ZeroFlags { may_trim: req.flags & CMD_FLAG_NO_HOLE == 0, fast, fua };
+            if length == 0 { Ok(()) } else { e.write_zeroes(req.offset, length, flags).await }
+        }
+        CMD_BLOCK_STATUS => return block_status(s, &req, length, bs_ids).await,
+        _ => return error_reply(s, &req, EINVAL, "unknown command"),
+    };
+    match r {
+        Ok(()) => ok_reply(s, &req),
+        Err(err) => export_error(s, &req, &err),
+    }
+}
+
+async fn read(s: &Session, req: &Request, length: u64) -> Vec<u8> {
+    if length > u64::from(MAX_PAYLOAD) {
+        return error_reply(s, req, EOVERFLOW, "read too large");
+    }
+    let mut buf = vec![0u8; length as usize];
+    if length > 0
+        && let Err(err) = s.export.read(req.offset, &mut buf).await
+    {
+        return export_error(s, req, &err);
+    }
+    let mut out = Vec::with_capacity(buf.len() + 64);
+    if !s.structured && !s.extended {
+        codec::encode_simple_reply(&mut out, 0, req.cookie);
+        out.extend_from_slice(&buf);
+        return out;
+    }
+    let st = style(s, req);
+    if buf.is_empty() {
+        codec::encode_chunk_none(&mut out, st, req.cookie);
+        return out;
+    }
+    if req.flags & CMD_FLAG_DF != 0 {
+        let _ = codec::encode_chunk_data(&mut out, st, true, req.cookie, req.offset, &buf);
+        return out;
+    }
+    // Runs of HOLE_GRANULE-aligned zero blocks become hole chunks.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let abs = req.offset + pos as u64;
+        let boundary = (abs / HOLE_GRANULE + 1).saturating_mul(HOLE_GRANULE);
+        let next = usize::try_from(boundary - req.offset).unwrap_or(usize::MAX);
+        let end = next.min(buf.len());
+        let whole = abs.is_multiple_of(HOLE_GRANULE) && end - pos == HOLE_GRANULE as usize;
+        let zero = whole && buf[pos..end].iter().all(|&b| b == 0);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 = end,
+            _ => runs.push((pos, end, zero)),
+        }
+        pos = end;
+    }
+    let n = runs.len();
+    for (i, (a, b, zero)) in runs.into_iter().enumerate() {
+        let done = i + 1 == n;
+        let off = req.offset + a as u64;
+        if zero {
+            let _ = codec::encode_chunk_hole(&mut out, st, done, req.cookie, off, (b - a) as u32);
+        } else {
+            let _ = codec::encode_chunk_data(&mut out, st, done, req.cookie, off, &buf[a..b]);
+        }
+    }
+    out
+}
+
+/// Clips `extents` to `len`, drops empty ones, merges equal neighbours, applies
+/// `req_one`, and caps the count and (without extended headers) the lengths.
+fn normalize(extents: Vec<Extent>, len: u64, req_one: bool, extended: bool) -> Vec<Extent> {
+    let max_len = if extended { u64::MAX } else { u64::from(u32::MAX) };
+    let mut out: Vec<Extent> = Vec::new();
+    let mut covered = 0u64;
+    for e in extents {
+        if covered >= len {
+            break;
+        }
+        let l = e.length.min(len - covered);
+        if l == 0 {
+            continue;
+        }
+        covered += l;
+        match out.last_mut() {
+            Some(last) if last.flags == e.flags && last.length.saturating_add(l) <= max_len => {
+                last.length += l
+            }
+            _ => {
+                if out.len() >= MAX_EXTENTS {
+                    break;
+                }
+                out.push(Extent { length: l, flags: e.flags });
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(Extent { length: len.min(max_len), flags: 0 });
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+async fn block_status(s: &Session, req: &Request, length: u64, ids: Option<Vec<u32>>) -> Vec<u8> {
+    if !s.structured && !s.extended {
+        return error_reply(s, req, EINVAL, "block status requires structured replies");
+    }
+    if s.contexts.is_empty() {
+        return error_reply(s, req, EINVAL, "no metadata context selected");
+    }
+    if length == 0 {
+        return error_reply(s, req, EINVAL, "zero-length block status");
+    }
+    let chosen: Vec<&(u32, String)> = match &ids {
+        None => s.contexts.iter().collect(),
+        Some(ids) => {
+            let mut v = Vec::new();
+            for id in ids {
+                match s.contexts.iter().find(|(i, _)| i == id) {
+                    Some(c) if !v.iter().any(|x: &&(u32, String)| x.0 == *id) => v.push(c),
+                    _ => return error_reply(s, req, EINVAL, "unknown or duplicate context id"),
+                }
+            }
+            if v.is_empty() {
+                return error_reply(s, req, EINVAL, "no context ids");
+            }
+            v
+        }
+    };
+    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut out = Vec::new();
+    let n = chosen.len();
+    for (i, (id, name)) in chosen.into_iter().enumerate() {
+        let extents = match s.export.block_status(name, req.offset, length, req_one).await {
+            Ok(e) => normalize(e, length, req_one, s.extended),
+            Err(err) => return export_error(s, req, &err),
+        };
+        let done = i + 1 == n;
+        let r = if s.extended {
+            codec::encode_chunk_block_status_ext(
+                &mut out, req.offset, done, req.cookie, *id, &extents,
+            )
+        } else {
+            codec::encode_chunk_block_status(&mut out, done, req.cookie, *id, &extents)
+        };
+        if let Err(err) = r {
+            return error_reply(s, req, EOVERFLOW, &err.to_string());
+        }
+    }
+    out
+}
