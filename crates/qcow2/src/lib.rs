@@ -12,12 +12,14 @@
 //! - [`backing`]: the [`BackingImage`] trait, raw images, opening backing chains.
 //! - [`write`](mod@write): the write path of [`Qcow2Image`] (writes, zero writes, discards, flush,
 //!   resize) and its crash-safe ordering.
+//! - [`bitmap_store`]: storing and removing persistent dirty bitmaps ([`bitmaps`] parses them).
 //! - [`create`]: new images, laid out as `qemu-img create -f qcow2` lays them out;
 //!   [`check`]: the consistency check and leak repair of `qemu-img check`.
 
 #![deny(missing_docs)]
 
 pub mod backing;
+pub mod bitmap_store;
 pub mod bitmaps;
 mod cache;
 pub mod check;

@@ -45,7 +45,7 @@ pub(crate) struct WriteState {
     /// Host clusters whose reference was dropped from an in-memory table.
     pending_decref: Vec<u64>,
     /// No free cluster below this index.
-    free_hint: u64,
+    pub(crate) free_hint: u64,
     /// Every cluster at or past this index is free (past the file and allocations).
     end_cluster: u64,
     /// Clusters chosen by an allocation in progress.
@@ -131,11 +131,11 @@ fn held_clusters(m: ClusterMapping, cluster_bits: u32) -> Vec<u64> {
 }
 
 impl Qcow2Image {
-    fn meta(&self) -> MutexGuard<'_, WriteState> {
+    pub(crate) fn meta(&self) -> MutexGuard<'_, WriteState> {
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, crate::image::ImageState> {
+    pub(crate) fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, crate::image::ImageState> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -152,12 +152,12 @@ impl Qcow2Image {
         self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn swrite(&self, buf: &[u8], at: u64, what: &'static str) -> Result<()> {
+    pub(crate) fn swrite(&self, buf: &[u8], at: u64, what: &'static str) -> Result<()> {
         self.storage.write_at(buf, at).map_err(Qcow2Error::io(what, at))?;
         Ok(())
     }
 
-    fn sflush(&self) -> Result<()> {
+    pub(crate) fn sflush(&self) -> Result<()> {
         self.storage.flush().map_err(Qcow2Error::io("flushing", 0))
     }
 
@@ -167,7 +167,7 @@ impl Qcow2Image {
 
     /// Checks the image is writable; on the first change, clears the autoclear bits
     /// this crate does not maintain (all but the bitmaps bit) and makes that durable.
-    fn prepare_write(&self) -> Result<()> {
+    pub(crate) fn prepare_write(&self) -> Result<()> {
         if !self.writable() {
             return Err(Qcow2Error::ReadOnly);
         }
@@ -195,13 +195,13 @@ impl Qcow2Image {
 
     // ---------------------------------------------------------------- refcounts
 
-    fn rc_get(&self, cluster: u64) -> Result<u64> {
+    pub(crate) fn rc_get(&self, cluster: u64) -> Result<u64> {
         self.refcount(cluster << self.cluster_bits)
     }
 
     /// Sets the refcount of host cluster `cluster` in memory (its block becomes dirty),
     /// allocating a refcount block or growing the refcount table when needed.
-    fn rc_set(&self, ws: &mut WriteState, cluster: u64, value: u64) -> Result<()> {
+    pub(crate) fn rc_set(&self, ws: &mut WriteState, cluster: u64, value: u64) -> Result<()> {
         let cb = self.cluster_bits;
         let order = self.state().header.refcount_order;
         if value > refcount::max_refcount(order) {
@@ -304,7 +304,7 @@ impl Qcow2Image {
     }
 
     /// Allocates `n` contiguous host clusters; returns the offset of the first.
-    fn alloc_run(&self, ws: &mut WriteState, n: u64) -> Result<u64> {
+    pub(crate) fn alloc_run(&self, ws: &mut WriteState, n: u64) -> Result<u64> {
         let c = self.find_free(ws, n)?;
         ws.reserved.extend(c..c + n);
         ws.end_cluster = ws.end_cluster.max(c + n);
@@ -487,7 +487,7 @@ impl Qcow2Image {
     }
 
     /// One write-back cycle, repeated until no refcount decrement is pending.
-    fn flush_cycle(&self, ws: &mut WriteState) -> Result<()> {
+    pub(crate) fn flush_cycle(&self, ws: &mut WriteState) -> Result<()> {
         loop {
             // Decrements queued so far: their references go to disk in this round (on
             // an error they stay queued).

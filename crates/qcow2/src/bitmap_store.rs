@@ -1,0 +1,388 @@
+//! Storing persistent dirty bitmaps into a qcow2 image, and removing them.
+//!
+//! Semantics of QEMU 10.0.2 (`qemu-bitmaps-spec.md` §6.4, §6.5), implemented from the
+//! "Bitmaps extension" of `docs/interop/qcow2.txt`.
+//!
+//! # Ordering (crash safety)
+//!
+//! 1. Data clusters (only the non-zero ones), bitmap tables and the new directory are
+//!    written to newly allocated clusters, never over live ones.
+//! 2. A flush cycle makes their refcounts (and their content) durable.
+//! 3. The header is rewritten in one write (bitmaps extension updated, added or dropped,
+//!    autoclear bit 0 set or cleared), then synced. A crash before this point leaves the
+//!    old set of bitmaps (and leaked clusters at worst); after it, the new set.
+//! 4. Only then are the old directory and the replaced (or removed) bitmaps' tables and
+//!    data clusters freed, and the refcount decrements flushed.
+
+use hbitmap::HBitmap;
+
+use crate::bitmaps::{
+    self, BitmapsError, BitmapsExtension, DirectoryEntry, FLAG_AUTO, GRANULARITY_BITS, MAX_BITMAPS,
+    MAX_DIRECTORY_SIZE, MAX_NAME_SIZE, MAX_PHYS_SIZE, MAX_TABLE_SIZE, TABLE_OFFSET,
+    TYPE_DIRTY_TRACKING,
+};
+use crate::error::Qcow2Error;
+use crate::header::{self, AUTOCLEAR_BITMAPS, EXT_BITMAPS, HeaderExtension};
+use crate::image::Qcow2Image;
+use crate::write::WriteState;
+
+/// A persistent bitmap held in memory, to be stored (callers skip inconsistent and
+/// readonly bitmaps).
+#[derive(Debug, Clone, Copy)]
+pub struct StoredBitmap<'a> {
+    /// The name (1 to 1023 bytes).
+    pub name: &'a str,
+    /// log2 of the granularity in bytes (9 to 31); must match `bits`.
+    pub granularity_bits: u8,
+    /// Whether the bitmap is enabled (stored with the `auto` flag).
+    pub enabled: bool,
+    /// The bits; their size must be the image's virtual size.
+    pub bits: &'a HBitmap,
+}
+
+/// Why storing or removing bitmaps failed. `Display` is QEMU's text where it has one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The image failed.
+    #[error(transparent)]
+    Image(#[from] Qcow2Error),
+    /// The on-disk bitmaps are invalid.
+    #[error(transparent)]
+    Bitmaps(#[from] BitmapsError),
+    /// The image is version 2.
+    #[error("Cannot store dirty bitmaps in qcow2 v2 files")]
+    Version2,
+    /// A bitmap of that name is on disk and was not loaded by us (not in use).
+    #[error("Bitmap '{0}' already exists in the image")]
+    AlreadyExists(String),
+    /// A bitmap breaks a constraint.
+    #[error("Bitmap '{name}' doesn't satisfy the constraints: {reason}")]
+    Constraints {
+        /// The bitmap.
+        name: String,
+        /// Which constraint.
+        reason: String,
+    },
+    /// More than 65535 bitmaps.
+    #[error("Too many persistent bitmaps")]
+    TooManyBitmaps,
+    /// The directory would exceed 1024 × 65535 bytes.
+    #[error("Bitmap directory is too large")]
+    DirectoryTooLarge,
+    /// The header with its extensions and backing file name exceeds the first cluster.
+    #[error("Failed to update bitmap extension: the header does not fit in the first cluster")]
+    HeaderTooBig,
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Clusters of a bitmap (table and non-zero data clusters), from its on-disk table.
+fn bitmap_clusters(image: &Qcow2Image, entry: &DirectoryEntry) -> Result<Vec<u64>> {
+    let cs = image.cluster_size();
+    let cb = image.cluster_bits;
+    let table = bitmaps::read_table(image.storage.as_ref(), entry, cs)?;
+    let mut out: Vec<u64> =
+        table.iter().map(|e| e & TABLE_OFFSET).filter(|&o| o != 0).map(|o| o >> cb).collect();
+    let first = entry.table_offset >> cb;
+    out.extend(first..first + (u64::from(entry.table_size) * 8).div_ceil(cs));
+    Ok(out)
+}
+
+impl Qcow2Image {
+    /// The directory currently on disk (empty without the extension or when autoclear
+    /// bit 0 is clear), with where it lies.
+    fn current_directory(&self) -> Result<(Vec<DirectoryEntry>, Option<BitmapsExtension>)> {
+        let (data, autoclear) = {
+            let st = self.state();
+            (st.header.bitmaps_extension().map(<[u8]>::to_vec), st.header.autoclear_features)
+        };
+        let Some(data) = data else {
+            return Ok((Vec::new(), None));
+        };
+        if autoclear & AUTOCLEAR_BITMAPS == 0 {
+            return Ok((Vec::new(), None));
+        }
+        let cs = self.cluster_size();
+        let ext = BitmapsExtension::parse(&data, cs)?;
+        let entries = bitmaps::read_directory(self.storage.as_ref(), &ext, cs, self.size())?;
+        Ok((entries, Some(ext)))
+    }
+
+    /// Stores persistent bitmaps (QEMU's `qcow2_store_persistent_dirty_bitmaps`):
+    /// entries on disk not named are kept; a named entry must be in use (loaded by the
+    /// caller) and is replaced; the stored entries have `auto` iff enabled and in_use
+    /// clear. See the module documentation for the crash-safe order.
+    pub fn store_bitmaps(&self, bitmaps: &[StoredBitmap<'_>]) -> Result<()> {
+        if bitmaps.is_empty() {
+            return Ok(());
+        }
+        if !self.writable() {
+            return Err(Qcow2Error::ReadOnly.into());
+        }
+        if self.version() < 3 {
+            return Err(StoreError::Version2);
+        }
+        self.prepare_write()?;
+        let cs = self.cluster_size();
+        let disk_len = self.size();
+        let mut ws = self.meta();
+        let (mut entries, old_ext) = self.current_directory()?;
+        let mut to_free = Vec::new();
+        // Check everything before allocating anything.
+        let mut seen = std::collections::HashSet::new();
+        for b in bitmaps {
+            let fail = |reason: &str| {
+                Err(StoreError::Constraints { name: b.name.to_string(), reason: reason.into() })
+            };
+            if b.name.is_empty() || b.name.len() > MAX_NAME_SIZE {
+                return fail("invalid name length");
+            }
+            if !GRANULARITY_BITS.contains(&b.granularity_bits)
+                || u32::from(b.granularity_bits) != b.bits.granularity()
+            {
+                return fail("invalid granularity");
+            }
+            if b.bits.size() != disk_len {
+                return fail("the bitmap size differs from the disk size");
+            }
+            let tsize = bitmaps::table_size(disk_len, 1 << b.granularity_bits, cs);
+            if tsize > u64::from(MAX_TABLE_SIZE) || tsize * cs > MAX_PHYS_SIZE {
+                return fail("the bitmap is too big");
+            }
+            if !seen.insert(b.name) {
+                return fail("the name is given twice");
+            }
+            if let Some(old) = entries.iter().find(|e| e.name == b.name)
+                && !old.in_use()
+            {
+                return Err(StoreError::AlreadyExists(b.name.to_string()));
+            }
+        }
+        let new_count = entries.len()
+            + bitmaps.iter().filter(|b| !entries.iter().any(|e| e.name == b.name)).count();
+        if new_count > MAX_BITMAPS as usize {
+            return Err(StoreError::TooManyBitmaps);
+        }
+        let dir_size: usize = entries
+            .iter()
+            .filter(|e| !bitmaps.iter().any(|b| b.name == e.name))
+            .map(DirectoryEntry::encoded_len)
+            .sum::<usize>()
+            + bitmaps.iter().map(|b| (24 + b.name.len()).next_multiple_of(8)).sum::<usize>();
+        if dir_size as u64 > MAX_DIRECTORY_SIZE {
+            return Err(StoreError::DirectoryTooLarge);
+        }
+        // Fail before allocating when the new header would not fit.
+        let placeholder =
+            BitmapsExtension { nb_bitmaps: 1, directory_size: 0, directory_offset: 0 };
+        self.bitmaps_header(Some(placeholder))?;
+        for b in bitmaps {
+            let clusters = bitmaps::encode_clusters(b.bits, cs).map_err(|e| {
+                StoreError::Constraints { name: b.name.to_string(), reason: e.to_string() }
+            })?;
+            let mut table = vec![0u64; clusters.len()];
+            for (slot, data) in table.iter_mut().zip(&clusters) {
+                if let Some(data) = data {
+                    let off = self.alloc_run(&mut ws, 1)?;
+                    self.swrite(data, off, "writing bitmap data")?;
+                    *slot = off;
+                }
+            }
+            let table_clusters = (table.len() as u64 * 8).div_ceil(cs);
+            let table_off = self.alloc_run(&mut ws, table_clusters)?;
+            let mut raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            raw.resize((table_clusters * cs) as usize, 0);
+            self.swrite(&raw, table_off, "writing a bitmap table")?;
+            let entry = DirectoryEntry {
+                table_offset: table_off,
+                table_size: table.len() as u32,
+                flags: if b.enabled { FLAG_AUTO } else { 0 },
+                bitmap_type: TYPE_DIRTY_TRACKING,
+                granularity_bits: b.granularity_bits,
+                name: b.name.to_string(),
+            };
+            if let Some(old) = entries.iter_mut().find(|e| e.name == b.name) {
+                // Freed once the header no longer points at it. A table that cannot be
+                // read is leaked rather than freed.
+                if let Ok(c) = bitmap_clusters(self, old) {
+                    to_free.extend(c);
+                }
+                *old = entry;
+            } else {
+                entries.push(entry);
+            }
+        }
+        self.commit_directory(&mut ws, &entries, old_ext, to_free)
+    }
+
+    /// Removes a stored bitmap (QEMU's `qcow2_co_remove_persistent_dirty_bitmap`): the
+    /// directory is rewritten without it (or the extension dropped when it was the
+    /// last), then its table and data clusters are freed. A missing bitmap is not an
+    /// error.
+    pub fn remove_stored_bitmap(&self, name: &str) -> Result<()> {
+        if !self.writable() {
+            return Err(Qcow2Error::ReadOnly.into());
+        }
+        if self.version() < 3 {
+            return Ok(());
+        }
+        if !self.current_directory()?.0.iter().any(|e| e.name == name) {
+            return Ok(());
+        }
+        self.prepare_write()?;
+        let mut ws = self.meta();
+        // Read again under the metadata lock.
+        let (mut entries, old_ext) = self.current_directory()?;
+        let Some(i) = entries.iter().position(|e| e.name == name) else {
+            return Ok(());
+        };
+        let removed = entries.remove(i);
+        let to_free = bitmap_clusters(self, &removed).unwrap_or_default();
+        self.commit_directory(&mut ws, &entries, old_ext, to_free)
+    }
+
+    /// Writes `entries` as the new directory (in new clusters), switches the header to
+    /// it, then frees the old directory and the clusters `to_free`.
+    fn commit_directory(
+        &self,
+        ws: &mut WriteState,
+        entries: &[DirectoryEntry],
+        old_ext: Option<BitmapsExtension>,
+        to_free: Vec<u64>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let new_ext = if entries.is_empty() {
+            None
+        } else {
+            let mut dir = Vec::new();
+            for e in entries {
+                e.encode(&mut dir);
+            }
+            let clusters = (dir.len() as u64).div_ceil(cs);
+            let off = self.alloc_run(ws, clusters)?;
+            let size = dir.len() as u64;
+            dir.resize((clusters * cs) as usize, 0);
+            self.swrite(&dir, off, "writing the bitmap directory")?;
+            Some(BitmapsExtension {
+                nb_bitmaps: entries.len() as u32,
+                directory_size: size,
+                directory_offset: off,
+            })
+        };
+        // New clusters (and their content) durable before the header references them.
+        self.flush_cycle(ws)?;
+        self.switch_bitmaps_header(new_ext)?;
+        let mut free = to_free;
+        if let Some(old) = old_ext {
+            let first = old.directory_offset >> cb;
+            free.extend(first..first + old.directory_size.div_ceil(cs));
+        }
+        for c in free {
+            let rc = self.rc_get(c)?;
+            if rc > 0 {
+                self.rc_set(ws, c, rc - 1)?;
+                if rc == 1 {
+                    ws.free_hint = ws.free_hint.min(c);
+                }
+            }
+        }
+        self.flush_cycle(ws)?;
+        Ok(())
+    }
+
+    /// Rewrites the header with the bitmaps extension `ext` (or without it) and
+    /// autoclear bit 0 set (cleared without it), in one write, then syncs.
+    fn switch_bitmaps_header(&self, ext: Option<BitmapsExtension>) -> Result<()> {
+        let (h, bytes) = self.bitmaps_header(ext)?;
+        self.swrite(&bytes, 0, "writing the header")?;
+        self.sflush()?;
+        self.state_mut().header = h;
+        Ok(())
+    }
+
+    /// The header with the bitmaps extension `ext` (or without it), and the bytes to
+    /// write at offset 0 for it.
+    fn bitmaps_header(&self, ext: Option<BitmapsExtension>) -> Result<(header::Header, Vec<u8>)> {
+        let mut h = self.state().header.clone();
+        let old_bytes = header_bytes(&h);
+        let data = ext.map(|e| e.to_bytes().to_vec());
+        match (h.extensions.iter().position(|e| e.ext_type == EXT_BITMAPS), data) {
+            (Some(i), Some(d)) => h.extensions[i].data = d,
+            (Some(i), None) => {
+                h.extensions.remove(i);
+            }
+            (None, Some(d)) => {
+                h.extensions.push(HeaderExtension { ext_type: EXT_BITMAPS, data: d })
+            }
+            (None, None) => {}
+        }
+        if ext.is_some() {
+            h.autoclear_features |= AUTOCLEAR_BITMAPS;
+        } else {
+            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        }
+        // The backing file name follows the end marker, as QEMU lays it out.
+        if h.backing_file.is_some() {
+            h.backing_file_offset = extensions_end(&h);
+        }
+        let mut bytes = header_bytes(&h);
+        if bytes.len() as u64 > self.cluster_size() {
+            return Err(StoreError::HeaderTooBig);
+        }
+        // Zero what the old header used past the new one.
+        if bytes.len() < old_bytes.len() {
+            bytes.resize(old_bytes.len(), 0);
+        }
+        Ok((h, bytes))
+    }
+}
+
+/// Where the extension area (with its end marker) of `h` ends.
+fn extensions_end(h: &header::Header) -> u64 {
+    u64::from(h.header_length)
+        + h.extensions.iter().map(|e| 8 + (e.data.len() as u64).next_multiple_of(8)).sum::<u64>()
+        + 8
+}
+
+/// The header's bytes: fixed fields, extensions, end marker, backing file name.
+fn header_bytes(h: &header::Header) -> Vec<u8> {
+    let mut b = Vec::with_capacity(512);
+    b.extend_from_slice(&header::MAGIC.to_be_bytes());
+    b.extend_from_slice(&h.version.to_be_bytes());
+    b.extend_from_slice(&h.backing_file_offset.to_be_bytes());
+    b.extend_from_slice(&h.backing_file_size.to_be_bytes());
+    b.extend_from_slice(&h.cluster_bits.to_be_bytes());
+    b.extend_from_slice(&h.size.to_be_bytes());
+    b.extend_from_slice(&h.crypt_method.to_be_bytes());
+    b.extend_from_slice(&h.l1_size.to_be_bytes());
+    b.extend_from_slice(&h.l1_table_offset.to_be_bytes());
+    b.extend_from_slice(&h.refcount_table_offset.to_be_bytes());
+    b.extend_from_slice(&h.refcount_table_clusters.to_be_bytes());
+    b.extend_from_slice(&h.nb_snapshots.to_be_bytes());
+    b.extend_from_slice(&h.snapshots_offset.to_be_bytes());
+    b.extend_from_slice(&h.incompatible_features.to_be_bytes());
+    b.extend_from_slice(&h.compatible_features.to_be_bytes());
+    b.extend_from_slice(&h.autoclear_features.to_be_bytes());
+    b.extend_from_slice(&h.refcount_order.to_be_bytes());
+    b.extend_from_slice(&h.header_length.to_be_bytes());
+    if h.header_length > 104 {
+        b.push(h.compression_type);
+        b.extend_from_slice(&h.extra_fields);
+    }
+    b.resize(h.header_length as usize, 0);
+    for e in &h.extensions {
+        b.extend_from_slice(&e.ext_type.to_be_bytes());
+        b.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
+        b.extend_from_slice(&e.data);
+        b.resize(b.len().next_multiple_of(8), 0);
+    }
+    b.extend_from_slice(&[0u8; 8]);
+    if let Some(name) = &h.backing_file {
+        b.resize(b.len().max(h.backing_file_offset as usize), 0);
+        b.extend_from_slice(name);
+    }
+    b
+}
