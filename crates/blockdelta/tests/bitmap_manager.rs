@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use blockdelta::block::dirty_bitmap::{
     AddBitmap, BitmapError, BitmapId, BitmapInfo, BitmapPersistence, BitmapRef, BitmapSyncMode,
-    Checks, JobOutcome, NodeBitmaps, default_granularity,
+    BitmapToStore, Checks, JobOutcome, NodeBitmaps, default_granularity,
 };
 use hbitmap::HBitmap;
 
@@ -18,6 +18,8 @@ const GRAN: u64 = 64 * 1024;
 /// A driver that stores bitmaps, as qcow2 will: records removals, can be told to fail.
 #[derive(Default)]
 struct FakeStore {
+    /// What each store call wrote: (name, granularity, enabled, SHA-256 of the bits).
+    stored: Mutex<Vec<(String, u32, bool, String)>>,
     removed: Mutex<Vec<String>>,
     fail_remove: bool,
     refuse: Option<String>,
@@ -37,6 +39,15 @@ impl BitmapPersistence for FakeStore {
             Some(reason) => Err(reason.clone()),
             None => Ok(()),
         }
+    }
+
+    fn store(&self, bitmaps: &[BitmapToStore<'_>]) -> Result<(), String> {
+        let mut stored = self.stored.lock().unwrap();
+        stored.clear();
+        for b in bitmaps {
+            stored.push((b.name.to_string(), b.granularity, b.enabled, b.bits.sha256_hex()));
+        }
+        Ok(())
     }
 
     fn remove_stored(&self, name: &str) -> Result<(), String> {
@@ -844,4 +855,42 @@ fn writes_during_a_successful_backup_are_exactly_the_new_bitmap() {
     node.settle_backup_bitmap(id, BitmapSyncMode::OnSuccess, JobOutcome::Success, None).unwrap();
     let want: BTreeSet<u64> = (10..4000u64).step_by(7).collect();
     assert_eq!(clusters(&node, "bm"), want);
+}
+
+// ---------------------------------------------------------------------------------------
+// Storing (spec 6.4): which bitmaps go to the image, and with which bits.
+
+#[test]
+fn store_writes_persistent_bitmaps_and_keeps_a_frozen_ones_new_writes() {
+    let store = Arc::new(FakeStore::default());
+    let node = qcow2_node(store.clone());
+    let persistent = |name: &str, disabled| AddBitmap {
+        name: name.into(),
+        persistent: true,
+        disabled,
+        ..Default::default()
+    };
+    node.add(&persistent("on", false)).unwrap();
+    node.add(&persistent("off", true)).unwrap();
+    add(&node, "transient");
+    let broken = node.add(&persistent("broken", false)).unwrap();
+    node.set_inconsistent(broken).unwrap();
+    let ro = node.add(&persistent("ro", false)).unwrap();
+    node.set_readonly(ro, true).unwrap();
+    let frozen = node.add(&persistent("frozen", false)).unwrap();
+    write_clusters(&node, &[1]);
+    node.create_successor(frozen).unwrap();
+    write_clusters(&node, &[2]); // only in the successor so far
+    assert_eq!(node.store_persistent().unwrap(), 3);
+    let stored = store.stored.lock().unwrap().clone();
+    let names: Vec<&str> = stored.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(names, ["frozen", "off", "on"], "persistent, consistent, writable ones");
+    let mut both = HBitmap::new(DISK, 16).unwrap();
+    both.set(GRAN, 2 * GRAN).unwrap();
+    assert_eq!(stored[0].3, both.sha256_hex(), "a frozen bitmap is stored with its successor");
+    assert!(stored[0].2, "and as enabled, as it was before the freeze");
+    assert!(!stored[1].2 && stored[2].2);
+    // A node without persistence stores nothing.
+    let plain = NodeBitmaps::new("file0", DISK, None, None);
+    assert_eq!(plain.store_persistent().unwrap(), 0);
 }

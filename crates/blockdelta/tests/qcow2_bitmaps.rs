@@ -112,7 +112,7 @@ fn read_only_open_loads_what_qemu_loads() {
 }
 
 #[test]
-fn writable_open_marks_bitmaps_in_use_and_unstored_ones_come_back_inconsistent() {
+fn writable_open_marks_bitmaps_in_use_until_they_are_stored_at_close() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("demo.qcow2").to_str().unwrap().to_string();
     make_image(&img);
@@ -128,8 +128,10 @@ fn writable_open_marks_bitmaps_in_use_and_unstored_ones_come_back_inconsistent()
             .map(|b| b["flags"].clone())
             .collect()
     };
+    let (qemu_before, _) = qemu_view(&img, true);
     let (graph, node) = open_ours(&img, false);
-    // As QEMU shows while it has the image open read-write (spec 10.2).
+    // As QEMU shows while it has the image open read-write (spec 10.2): a crash now
+    // would leave them in use, hence inconsistent, never stale.
     assert_eq!(
         flags(&info(&img)),
         [json!(["in-use", "auto"]), json!(["in-use", "auto"]), json!(["in-use"])]
@@ -138,16 +140,15 @@ fn writable_open_marks_bitmaps_in_use_and_unstored_ones_come_back_inconsistent()
     assert!(!node.bitmaps().has_readonly());
     drop(node);
     drop(graph);
-    // Not stored at close (yet): they stay in use, so both QEMU and blockdelta now see
-    // them as inconsistent, never as stale-but-valid.
-    let (qemu, _) = qemu_view(&img, true);
-    assert!(qemu.iter().all(|r| r["inconsistent"] == json!(true)), "{qemu:?}");
-    let (_graph, node) = open_ours(&img, true);
-    assert_eq!(ours(&node), qemu);
-    assert_eq!(
-        node.bitmaps().clear("bm0").unwrap_err().to_string(),
-        "Bitmap 'bm0' is readonly and cannot be modified"
-    );
+    // Stored at close: in use no more, same bits as before.
+    assert_eq!(flags(&info(&img)), [json!(["auto"]), json!(["auto"]), json!([])]);
+    let (qemu_after, _) = qemu_view(&img, true);
+    let sorted = |v: &[Value]| {
+        let mut v = v.to_vec();
+        v.sort_by_key(|r| r["name"].as_str().unwrap_or("").to_string());
+        v
+    };
+    assert_eq!(sorted(&qemu_after), sorted(&qemu_before));
     let check = qemu_img(["check", &img]).unwrap();
     assert!(check.contains("No errors were found"), "{check}");
 }
@@ -214,4 +215,63 @@ fn persistent_adds_are_checked_like_qemu() {
         let ours = node.bitmaps().add(&request).map(|_| json!({})).map_err(|e| e.to_string());
         assert_eq!(ours, qemu, "{image}: {args}");
     }
+}
+
+/// A full round trip: bitmaps added and dirtied through a blockdelta node are stored at
+/// close; QEMU then sees the same flags, counts and SHA-256; blockdelta loads them back
+/// consistent; a removed one is gone from the image. `qemu-img check` stays clean.
+#[tokio::test]
+async fn bitmaps_stored_at_close_are_what_qemu_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2").to_str().unwrap().to_string();
+    qemu_img(["create", "-q", "-f", "qcow2", &img, "64M"]).unwrap();
+    qemu_img(["bitmap", "--add", &img, "old"]).unwrap();
+    let (graph, node) = open_ours(&img, false);
+    let add = |name: &str, granularity: u64, disabled: bool| {
+        node.bitmaps()
+            .add(&blockdelta::block::dirty_bitmap::AddBitmap {
+                name: name.into(),
+                granularity: Some(granularity),
+                persistent: true,
+                disabled,
+            })
+            .unwrap()
+    };
+    add("fine", 512, false);
+    add("coarse", 2 << 20, false);
+    add("paused", 65536, true);
+    add("gone", 65536, false);
+    node.write(vec![7; 5000], 3 << 20, false).await.unwrap();
+    node.write(vec![8; 512], (64 << 20) - 512, false).await.unwrap();
+    node.bitmaps().remove("gone").unwrap();
+    let before = ours(&node);
+    let shas: Vec<String> =
+        names(&before).iter().map(|n| node.bitmaps().sha256(n).unwrap()).collect();
+    drop(node);
+    drop(graph);
+
+    let check = qemu_img(["check", &img]).unwrap();
+    assert!(check.contains("No errors were found"), "{check}");
+    let (qemu, qemu_shas) = qemu_view(&img, true);
+    let mut expected = before.clone();
+    for r in &mut expected {
+        r["busy"] = json!(false);
+    }
+    // QEMU loads in directory order: the same set; compare by name.
+    let by_name = |v: &[Value]| {
+        let mut v = v.to_vec();
+        v.sort_by_key(|r| r["name"].as_str().unwrap_or("").to_string());
+        v
+    };
+    assert_eq!(by_name(&qemu), by_name(&expected));
+    let mut pairs_ours: Vec<_> = names(&before).into_iter().zip(shas).collect();
+    let mut pairs_qemu: Vec<_> = names(&qemu).into_iter().zip(qemu_shas).collect();
+    pairs_ours.sort();
+    pairs_qemu.sort();
+    assert_eq!(pairs_ours, pairs_qemu);
+    assert!(!names(&qemu).contains(&"gone".to_string()));
+
+    // And blockdelta loads them back, consistent.
+    let (_graph, node) = open_ours(&img, true);
+    assert_eq!(by_name(&ours(&node)), by_name(&qemu));
 }

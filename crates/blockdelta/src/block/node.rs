@@ -253,6 +253,16 @@ impl Node {
         self.check_range(offset, len)
     }
 
+    /// Stores the node's persistent bitmaps (on a writable node) and flushes: what a
+    /// node does when it is closed. Also run, with errors only reported, when the last
+    /// reference to the node goes.
+    pub fn close(&self) -> io::Result<()> {
+        if !self.options.read_only {
+            self.bitmaps.store_persistent().map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        self.flush_blocking()
+    }
+
     /// Reads `buf.len()` bytes at `offset` (blocking).
     pub fn read_blocking(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
@@ -353,6 +363,14 @@ impl Node {
     pub async fn block_status(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let node = self.clone();
         blocking(move || node.block_status_blocking(offset, len)).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            eprintln!("blockdelta: closing node '{}': {e}", self.name);
+        }
     }
 }
 

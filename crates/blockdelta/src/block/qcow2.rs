@@ -6,18 +6,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use qcow2::backing::{self, BackingImage, BlockState};
+use qcow2::bitmap_store::StoredBitmap;
 use qcow2::bitmaps::{self as qbitmaps, BitmapsExtension};
 use qcow2::error::Qcow2Error;
 use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header};
 use qcow2::image::{OpenOptions, Qcow2Image};
 use qcow2::storage::Storage;
 
-use super::dirty_bitmap::{BitmapPersistence, LoadedBitmap};
+use super::dirty_bitmap::{BitmapPersistence, BitmapToStore, LoadedBitmap};
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 
 /// The qcow2 format over a file node.
 pub struct Qcow2Driver {
-    image: Qcow2Image,
+    image: Arc<Qcow2Image>,
     file: Arc<Node>,
     /// The persistent bitmaps found at open, until the node takes them.
     loaded: Mutex<Vec<LoadedBitmap>>,
@@ -25,11 +26,17 @@ pub struct Qcow2Driver {
 }
 
 /// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
-#[derive(Debug)]
 pub struct Qcow2Persistence {
     version: u32,
     cluster_size: u64,
     disk_len: u64,
+    image: Arc<Qcow2Image>,
+}
+
+impl std::fmt::Debug for Qcow2Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Persistence").field("version", &self.version).finish_non_exhaustive()
+    }
 }
 
 impl BitmapPersistence for Qcow2Persistence {
@@ -76,8 +83,20 @@ impl BitmapPersistence for Qcow2Persistence {
     }
 
     fn remove_stored(&self, name: &str) -> Result<(), String> {
-        // Rewriting the directory allocates clusters: that comes with the write path.
-        Err(format!("removing bitmap '{name}' from the image is not implemented yet"))
+        self.image.remove_stored_bitmap(name).map_err(|e| e.to_string())
+    }
+
+    fn store(&self, bitmaps: &[BitmapToStore<'_>]) -> Result<(), String> {
+        let list: Vec<StoredBitmap<'_>> = bitmaps
+            .iter()
+            .map(|b| StoredBitmap {
+                name: b.name,
+                granularity_bits: b.granularity.trailing_zeros() as u8,
+                enabled: b.enabled,
+                bits: b.bits,
+            })
+            .collect();
+        self.image.store_bitmaps(&list).map_err(|e| e.to_string())
     }
 }
 
@@ -123,12 +142,14 @@ impl Qcow2Driver {
                 }
             }
         }
-        let image = Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?;
+        let image =
+            Arc::new(Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?);
         let loaded = load_bitmaps(storage.as_ref(), &header, writable)?;
         let persistence = Arc::new(Qcow2Persistence {
             version: header.version,
             cluster_size: header.cluster_size(),
             disk_len: header.size,
+            image: image.clone(),
         });
         Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence })
     }

@@ -79,6 +79,14 @@ pub enum BitmapError {
         /// What went wrong in the image.
         reason: String,
     },
+    /// Storing the persistent bitmaps failed.
+    #[error("Lost persistent bitmaps during inactivation of node '{node}': {reason}")]
+    Store {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
     /// An internal handle outlived its bitmap (a bug in the caller).
     #[error("dirty bitmap {0:?} does not exist on this node")]
     UnknownId(BitmapId),

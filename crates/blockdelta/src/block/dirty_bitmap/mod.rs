@@ -91,6 +91,19 @@ pub fn check_granularity(granularity: u64) -> Result<u32, BitmapError> {
     Ok(granularity as u32)
 }
 
+/// A persistent bitmap handed to the driver to store in the image.
+#[derive(Debug)]
+pub struct BitmapToStore<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Granularity in bytes.
+    pub granularity: u32,
+    /// Whether it records writes (stored as the `auto` flag).
+    pub enabled: bool,
+    /// Its bits.
+    pub bits: &'a hbitmap::HBitmap,
+}
+
 /// What a node's driver does for persistent bitmaps (qcow2 implements it). Nodes
 /// without one refuse persistent bitmaps.
 pub trait BitmapPersistence: Send + Sync {
@@ -107,4 +120,7 @@ pub trait BitmapPersistence: Send + Sync {
 
     /// Deletes the stored copy of bitmap `name` from the image now.
     fn remove_stored(&self, name: &str) -> Result<(), String>;
+
+    /// Writes `bitmaps` into the image (entries of the image not named here are kept).
+    fn store(&self, bitmaps: &[BitmapToStore<'_>]) -> Result<(), String>;
 }

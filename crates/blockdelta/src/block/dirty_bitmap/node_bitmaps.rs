@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use hbitmap::HBitmap;
 
 use super::{
-    BitmapError, BitmapId, BitmapInfo, BitmapPersistence, Checks, MAX_NAME_LEN, check_granularity,
-    default_granularity,
+    BitmapError, BitmapId, BitmapInfo, BitmapPersistence, BitmapToStore, Checks, MAX_NAME_LEN,
+    check_granularity, default_granularity,
 };
 
 /// Orders the locks of different nodes, so that a merge across nodes cannot deadlock.
@@ -658,6 +658,45 @@ impl NodeBitmaps {
         bitmap.inconsistent = true;
         bitmap.disabled = true;
         Ok(())
+    }
+
+    /// Stores the persistent bitmaps in the image (QEMU does this at close and when a
+    /// node becomes read-only): every persistent bitmap that is not skipped, not
+    /// inconsistent and not readonly. A bitmap frozen by a backup is stored with its
+    /// successor's bits too, so that no write recorded so far is lost. Returns how many
+    /// were stored.
+    pub fn store_persistent(&self) -> Result<usize, BitmapError> {
+        let Some(persistence) = &self.persistence else { return Ok(0) };
+        let inner = self.lock();
+        let mut unions = Vec::new();
+        for b in inner.bitmaps.iter().filter(|b| b.persistent) {
+            let Some(successor) = b.successor else { continue };
+            let successor = inner.get(successor)?;
+            let mut union = b.bits.clone();
+            union.merge(&successor.bits)?;
+            unions.push((b.id, union, !successor.disabled));
+        }
+        let list: Vec<BitmapToStore<'_>> = inner
+            .bitmaps
+            .iter()
+            .filter(|b| b.persistent && !b.skip_store && !b.inconsistent && !b.readonly)
+            .filter_map(|b| {
+                let name = b.name.as_deref()?;
+                let granularity = b.granularity_bytes();
+                Some(match unions.iter().find(|(id, _, _)| *id == b.id) {
+                    Some((_, union, enabled)) => {
+                        BitmapToStore { name, granularity, enabled: *enabled, bits: union }
+                    }
+                    None => {
+                        BitmapToStore { name, granularity, enabled: !b.disabled, bits: &b.bits }
+                    }
+                })
+            })
+            .collect();
+        persistence
+            .store(&list)
+            .map_err(|reason| BitmapError::Store { node: self.node_name.clone(), reason })?;
+        Ok(list.len())
     }
 
     /// Whether a bitmap is to be stored at the next store: persistent and not skipped.
