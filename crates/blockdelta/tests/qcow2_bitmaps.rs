@@ -109,6 +109,19 @@ fn read_only_open_loads_what_qemu_loads() {
         "Bitmap 'bm0' is readonly and cannot be modified"
     );
     assert!(node.bitmaps().has_readonly());
+    // QEMU would accept a persistent bitmap here and lose it at close; blockdelta says no.
+    let err = node
+        .bitmaps()
+        .add(&blockdelta::block::dirty_bitmap::AddBitmap {
+            name: "p".into(),
+            persistent: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Can't make bitmap 'p' persistent in 'disk0': the node is read-only, so the bitmap could never be stored"
+    );
 }
 
 #[test]

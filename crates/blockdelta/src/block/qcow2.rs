@@ -27,6 +27,7 @@ pub struct Qcow2Driver {
 
 /// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
 pub struct Qcow2Persistence {
+    writable: bool,
     version: u32,
     cluster_size: u64,
     disk_len: u64,
@@ -49,6 +50,10 @@ impl BitmapPersistence for Qcow2Persistence {
         // A name taken by a loaded bitmap is the manager's generic error (QEMU agrees).
         if self.version < 3 {
             return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        if !self.writable {
+            // QEMU accepts this and loses the bitmap when the node closes.
+            return Err("the node is read-only, so the bitmap could never be stored".into());
         }
         if name.len() > qbitmaps::MAX_NAME_SIZE {
             return Err(format!(
@@ -146,6 +151,7 @@ impl Qcow2Driver {
             Arc::new(Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?);
         let loaded = load_bitmaps(storage.as_ref(), &header, writable)?;
         let persistence = Arc::new(Qcow2Persistence {
+            writable,
             version: header.version,
             cluster_size: header.cluster_size(),
             disk_len: header.size,
