@@ -148,31 +148,26 @@ pub async fn list_exports(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(v)
 }
 
+/// Sends a flag-like option (no payload) and says whether the server accepted it; a
+/// refusal is not an error.
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, option: u32) -> Result<bool> {
+    send_option(stream, option, &[]).await?;
+    match read_option_reply(stream, option).await {
+        Ok((REP_ACK, _)) => Ok(true),
+        Ok(_) => Err(ClientError::Unexpected("reply to a flag option")),
+        Err(ClientError::Option { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Negotiates on `stream`: extended headers (if asked) or structured replies, the
     /// metadata contexts, then `OPT_GO`.
     pub async fn handshake(mut stream: S, options: &ClientOptions) -> Result<Self> {
         start(&mut stream).await?;
-        let mut extended = false;
-        if options.extended_headers {
-            send_option(&mut stream, OPT_EXTENDED_HEADERS, &[]).await?;
-            match read_option_reply(&mut stream, OPT_EXTENDED_HEADERS).await {
-                Ok((REP_ACK, _)) => extended = true,
-                Ok(_) => return Err(ClientError::Unexpected("reply to OPT_EXTENDED_HEADERS")),
-                Err(ClientError::Option { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut structured = extended;
-        if !extended {
-            send_option(&mut stream, OPT_STRUCTURED_REPLY, &[]).await?;
-            match read_option_reply(&mut stream, OPT_STRUCTURED_REPLY).await {
-                Ok((REP_ACK, _)) => structured = true,
-                Ok(_) => return Err(ClientError::Unexpected("reply to OPT_STRUCTURED_REPLY")),
-                Err(ClientError::Option { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let extended =
+            options.extended_headers && negotiate(&mut stream, OPT_EXTENDED_HEADERS).await?;
+        let structured = extended || negotiate(&mut stream, OPT_STRUCTURED_REPLY).await?;
         let mut contexts = Vec::new();
         if !options.meta_contexts.is_empty() {
             let req = MetaContextRequest {

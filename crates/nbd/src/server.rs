@@ -182,6 +182,30 @@ async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The export an option's request names. On a malformed request or an unknown export
+/// the error reply is encoded into `out` and `None` returned.
+fn requested_export<T>(
+    out: &mut Vec<u8>,
+    opt: u32,
+    parsed: Result<T, codec::CodecError>,
+    export_name: impl Fn(&T) -> &String,
+    exports: &Exports,
+) -> Option<(T, String, Arc<dyn Export>)> {
+    let req = match parsed {
+        Ok(req) => req,
+        Err(e) => {
+            codec::encode_rep_error(out, opt, REP_ERR_INVALID, &format!("malformed request: {e}"));
+            return None;
+        }
+    };
+    let Some((canonical, export)) = exports.get(export_name(&req)) else {
+        let message = format!("export '{}' not present", export_name(&req));
+        codec::encode_rep_error(out, opt, REP_ERR_UNKNOWN, &message);
+        return None;
+    };
+    Some((req, canonical, export))
+}
+
 fn transmission_flags(export: &dyn Export, structured: bool, extended: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS;
     if export.read_only() {
@@ -319,49 +343,32 @@ where
                     codec::encode_rep_ack(&mut out, opt);
                 }
             }
-            OPT_INFO | OPT_GO => match InfoRequest::parse(&payload) {
-                Err(e) => codec::encode_rep_error(
-                    &mut out,
-                    opt,
-                    REP_ERR_INVALID,
-                    &format!("malformed request: {e}"),
-                ),
-                Ok(req) => match exports.get(&req.export) {
-                    None => codec::encode_rep_error(
-                        &mut out,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{}' not present", req.export),
-                    ),
-                    Some((canonical, export)) => {
-                        let flags = transmission_flags(&*export, structured, extended);
-                        if req.infos.contains(&INFO_NAME) {
-                            codec::encode_info_name(&mut out, opt, &canonical);
-                        }
-                        let desc = export.description();
-                        if req.infos.contains(&INFO_DESCRIPTION) && !desc.is_empty() {
-                            codec::encode_info_description(&mut out, opt, &desc);
-                        }
-                        if req.infos.contains(&INFO_BLOCK_SIZE) {
-                            codec::encode_info_block_size(&mut out, opt, export.block_size());
-                        }
-                        codec::encode_info_export(&mut out, opt, export.size(), flags);
-                        codec::encode_rep_ack(&mut out, opt);
-                        if opt == OPT_GO {
-                            wr.write_all(&out).await?;
-                            wr.flush().await?;
-                            let contexts = selected_for(&mut meta, &canonical);
-                            return Ok(Some(Session {
-                                export,
-                                flags,
-                                structured,
-                                extended,
-                                contexts,
-                            }));
-                        }
+            OPT_INFO | OPT_GO => {
+                let parsed = InfoRequest::parse(&payload);
+                if let Some((req, canonical, export)) =
+                    requested_export(&mut out, opt, parsed, |r| &r.export, exports)
+                {
+                    let flags = transmission_flags(&*export, structured, extended);
+                    if req.infos.contains(&INFO_NAME) {
+                        codec::encode_info_name(&mut out, opt, &canonical);
                     }
-                },
-            },
+                    let desc = export.description();
+                    if req.infos.contains(&INFO_DESCRIPTION) && !desc.is_empty() {
+                        codec::encode_info_description(&mut out, opt, &desc);
+                    }
+                    if req.infos.contains(&INFO_BLOCK_SIZE) {
+                        codec::encode_info_block_size(&mut out, opt, export.block_size());
+                    }
+                    codec::encode_info_export(&mut out, opt, export.size(), flags);
+                    codec::encode_rep_ack(&mut out, opt);
+                    if opt == OPT_GO {
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        let contexts = selected_for(&mut meta, &canonical);
+                        return Ok(Some(Session { export, flags, structured, extended, contexts }));
+                    }
+                }
+            }
             OPT_STRUCTURED_REPLY => {
                 if !payload.is_empty() {
                     codec::encode_rep_error(&mut out, opt, REP_ERR_INVALID, "option takes no data");
@@ -398,31 +405,18 @@ where
                         "structured replies not negotiated",
                     );
                 } else {
-                    match MetaContextRequest::parse(&payload) {
-                        Err(e) => codec::encode_rep_error(
-                            &mut out,
-                            opt,
-                            REP_ERR_INVALID,
-                            &format!("malformed request: {e}"),
-                        ),
-                        Ok(req) => match exports.get(&req.export) {
-                            None => codec::encode_rep_error(
-                                &mut out,
-                                opt,
-                                REP_ERR_UNKNOWN,
-                                &format!("export '{}' not present", req.export),
-                            ),
-                            Some((canonical, export)) => {
-                                let found = match_contexts(&*export, &req.queries, !set);
-                                for (id, name) in &found {
-                                    codec::encode_rep_meta_context(&mut out, opt, *id, name);
-                                }
-                                codec::encode_rep_ack(&mut out, opt);
-                                if set {
-                                    meta = Some((canonical, found));
-                                }
-                            }
-                        },
+                    let parsed = MetaContextRequest::parse(&payload);
+                    if let Some((req, canonical, export)) =
+                        requested_export(&mut out, opt, parsed, |r| &r.export, exports)
+                    {
+                        let found = match_contexts(&*export, &req.queries, !set);
+                        for (id, name) in &found {
+                            codec::encode_rep_meta_context(&mut out, opt, *id, name);
+                        }
+                        codec::encode_rep_ack(&mut out, opt);
+                        if set {
+                            meta = Some((canonical, found));
+                        }
                     }
                 }
             }

@@ -75,6 +75,24 @@ impl Inner {
         Ok(&mut self.bitmaps[i])
     }
 
+    /// Whether writes are recorded: the bitmap is enabled, or it is frozen and its
+    /// successor is enabled.
+    fn recording(&self, b: &DirtyBitmap) -> bool {
+        !b.disabled || b.successor.and_then(|s| self.get(s).ok()).is_some_and(|s| !s.disabled)
+    }
+
+    fn info_of(&self, b: &DirtyBitmap) -> BitmapInfo {
+        BitmapInfo {
+            name: b.name.clone(),
+            count: b.bits.count(),
+            granularity: b.granularity_bytes(),
+            recording: self.recording(b),
+            busy: b.busy,
+            persistent: b.persistent,
+            inconsistent: b.inconsistent,
+        }
+    }
+
     fn index_by_name(&self, name: &str) -> Result<usize, BitmapError> {
         self.bitmaps
             .iter()
@@ -573,29 +591,13 @@ impl NodeBitmaps {
     /// The query records of every bitmap, anonymous ones included, newest first.
     pub fn query(&self) -> Vec<BitmapInfo> {
         let inner = self.lock();
-        inner
-            .bitmaps
-            .iter()
-            .map(|b| {
-                let successor_recording =
-                    b.successor.and_then(|s| inner.get(s).ok()).is_some_and(|s| !s.disabled);
-                BitmapInfo {
-                    name: b.name.clone(),
-                    count: b.bits.count(),
-                    granularity: b.granularity_bytes(),
-                    recording: !b.disabled || successor_recording,
-                    busy: b.busy,
-                    persistent: b.persistent,
-                    inconsistent: b.inconsistent,
-                }
-            })
-            .collect()
+        inner.bitmaps.iter().map(|b| inner.info_of(b)).collect()
     }
 
     /// The query record of one bitmap.
     pub fn info(&self, id: BitmapId) -> Result<BitmapInfo, BitmapError> {
-        let index = self.lock().index_of(id)?;
-        Ok(self.query().swap_remove(index))
+        let inner = self.lock();
+        Ok(inner.info_of(inner.get(id)?))
     }
 
     /// `x-debug-block-dirty-bitmap-sha256`: no state checks.
@@ -671,25 +673,22 @@ impl NodeBitmaps {
         let mut unions = Vec::new();
         for b in inner.bitmaps.iter().filter(|b| b.persistent) {
             let Some(successor) = b.successor else { continue };
-            let successor = inner.get(successor)?;
             let mut union = b.bits.clone();
-            union.merge(&successor.bits)?;
-            unions.push((b.id, union, !successor.disabled));
+            union.merge(&inner.get(successor)?.bits)?;
+            unions.push((b.id, union));
         }
         let list: Vec<BitmapToStore<'_>> = inner
             .bitmaps
             .iter()
             .filter(|b| b.persistent && !b.skip_store && !b.inconsistent && !b.readonly)
             .filter_map(|b| {
-                let name = b.name.as_deref()?;
-                let granularity = b.granularity_bytes();
-                Some(match unions.iter().find(|(id, _, _)| *id == b.id) {
-                    Some((_, union, enabled)) => {
-                        BitmapToStore { name, granularity, enabled: *enabled, bits: union }
-                    }
-                    None => {
-                        BitmapToStore { name, granularity, enabled: !b.disabled, bits: &b.bits }
-                    }
+                let bits = unions.iter().find(|(id, _)| *id == b.id).map_or(&b.bits, |(_, u)| u);
+                Some(BitmapToStore {
+                    name: b.name.as_deref()?,
+                    granularity: b.granularity_bytes(),
+                    // A frozen bitmap is stored enabled as it was before the freeze.
+                    enabled: inner.recording(b),
+                    bits,
                 })
             })
             .collect();
