@@ -3,3 +3,5 @@
 #![deny(missing_docs)]
 
 pub mod block;
+pub mod export;
+pub mod qmp;

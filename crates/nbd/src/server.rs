@@ -6,10 +6,11 @@
 //! connection of the client that committed it.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -48,6 +49,8 @@ const HOLE_GRANULE: u64 = 4096;
 #[derive(Debug, Clone)]
 pub struct Server {
     exports: Arc<Exports>,
+    /// Connections served at once; `None` = unlimited.
+    connection_slots: Option<Arc<Semaphore>>,
 }
 
 /// A running listener; dropping it (or [`ServerHandle::stop`]) stops accepting and ends
@@ -83,10 +86,65 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Binds a unix socket at `path`, owner-only (mode 0600). A socket already there that
+/// nobody listens on (left by a process that died) is replaced; a live socket or any
+/// other kind of file is an error, and is left alone.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "File exists and is not a socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::from_raw_os_error(EADDRINUSE));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Connecting needs write permission on the socket, which a usual umask already
+    // denies to others until the mode is narrowed to 0600 here.
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Linux's `EADDRINUSE`, so that the error reads as the OS's own.
+const EADDRINUSE: i32 = 98;
+
+/// A listening socket of either kind.
+trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        let (stream, _) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
 impl Server {
-    /// A server for `exports`.
+    /// A server for `exports`, with no limit on connections.
     pub fn new(exports: Arc<Exports>) -> Self {
-        Server { exports }
+        Server { exports, connection_slots: None }
+    }
+
+    /// Serves at most `max` connections at once (0 = unlimited); further clients wait in
+    /// the listen queue until one ends, as QEMU's `max-connections` does.
+    pub fn with_max_connections(mut self, max: u32) -> Self {
+        self.connection_slots = (max > 0).then(|| Arc::new(Semaphore::new(max as usize)));
+        self
     }
 
     /// The registry.
@@ -94,27 +152,11 @@ impl Server {
         &self.exports
     }
 
-    /// Listens on a new unix socket at `path` (mode 0600) and serves clients in a
+    /// Listens on a unix socket at `path` (see [`bind_unix`]) and serves clients in a
     /// background task.
     pub async fn listen_unix(&self, path: &Path) -> io::Result<ServerHandle> {
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let server = self.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            let s = server.clone();
-                            conns.spawn(async move { let _ = s.serve(stream).await; });
-                        }
-                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let listener = bind_unix(path)?;
+        let task = tokio::spawn(self.clone().accept_loop(listener));
         Ok(ServerHandle { task, socket: Some(path.to_owned()), local_addr: None })
     }
 
@@ -122,24 +164,38 @@ impl Server {
     pub async fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<ServerHandle> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        let server = self.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nodelay(true);
-                            let s = server.clone();
-                            conns.spawn(async move { let _ = s.serve(stream).await; });
-                        }
-                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let task = tokio::spawn(self.clone().accept_loop(listener));
         Ok(ServerHandle { task, socket: None, local_addr: Some(local) })
+    }
+
+    async fn accept_loop<L: Listener>(self, listener: L) {
+        let mut conns = JoinSet::new();
+        loop {
+            // A slot is taken before accepting, so clients beyond the limit wait.
+            let slot = match &self.connection_slots {
+                Some(slots) => tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => Some(slot),
+                        Err(_) => return,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                },
+                None => None,
+            };
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(stream) => {
+                        let s = self.clone();
+                        conns.spawn(async move {
+                            let _ = s.serve(stream).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
     }
 
     /// Serves one client on `stream` until it disconnects. `Ok` after a clean end

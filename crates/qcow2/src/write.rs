@@ -812,16 +812,58 @@ impl Qcow2Image {
             last_whole = end.div_ceil(cs) * cs;
         }
         if v2_backing || first_whole >= last_whole {
-            return self.write_zero_bytes(offset, len);
+            self.zero_partial(offset, len, unmap, v2_backing)?;
+            return self.maybe_write_back();
         }
         if offset < first_whole {
-            self.write_zero_bytes(offset, first_whole - offset)?;
+            self.zero_partial(offset, first_whole - offset, unmap, false)?;
         }
         self.zero_clusters(first_whole / cs, last_whole / cs, ZeroMode::Zero { unmap })?;
         if last_whole < end {
-            self.write_zero_bytes(last_whole, end - last_whole)?;
+            self.zero_partial(last_whole, end - last_whole, unmap, false)?;
         }
         self.maybe_write_back()
+    }
+
+    /// Zeroes parts of clusters (or, with a v2 image over a backing file, any range).
+    /// A cluster that already reads as zeroes becomes a zero cluster, which allocates no
+    /// data (QEMU does the same); otherwise zero bytes are written. The check and the
+    /// change happen under the cluster's claim, so a concurrent write to another part
+    /// of the cluster cannot be lost.
+    fn zero_partial(&self, offset: u64, len: u64, unmap: bool, v2_backing: bool) -> Result<()> {
+        if v2_backing {
+            return self.write_zero_bytes(offset, len);
+        }
+        let cs = self.cluster_size();
+        let mut pos = offset;
+        while pos < offset + len {
+            let c = pos / cs;
+            let (start, end) = (c * cs, ((c + 1) * cs).min(self.size()));
+            let n = end.min(offset + len) - pos;
+            let claim = self.claim(c, c + 1);
+            if self.reads_as_zero(start, end)? {
+                self.zero_chunk_claimed(c, c + 1, ZeroMode::Zero { unmap })?;
+                drop(claim);
+            } else {
+                drop(claim);
+                self.write_zero_bytes(pos, n)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether all of `[start, end)` reads as zeroes according to the mapping.
+    fn reads_as_zero(&self, start: u64, end: u64) -> Result<bool> {
+        let mut pos = start;
+        while pos < end {
+            let s = self.block_status(pos, end - pos)?;
+            if s.state == crate::backing::BlockState::Data {
+                return Ok(false);
+            }
+            pos += s.len.max(1);
+        }
+        Ok(true)
     }
 
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
@@ -871,9 +913,14 @@ impl Qcow2Image {
 
     /// Zeroes or discards guest clusters `first..end`, all in one L2 table.
     fn zero_chunk(&self, first: u64, end: u64, mode: ZeroMode) -> Result<()> {
+        let _claim = self.claim(first, end);
+        self.zero_chunk_claimed(first, end, mode)
+    }
+
+    /// [`zero_chunk`](Self::zero_chunk) for a caller that holds the clusters' claim.
+    fn zero_chunk_claimed(&self, first: u64, end: u64, mode: ZeroMode) -> Result<()> {
         let v3 = self.version() >= 3;
         let backing = self.has_backing_file();
-        let _claim = self.claim(first, end);
         let mut ws = self.meta();
         let mut updates = Vec::new();
         let mut drops = Vec::new();

@@ -8,17 +8,17 @@ use qcow2::storage::{FileStorage, Storage};
 
 use super::node::{BlockDriver, BlockStatus, ZeroFlags};
 
-/// A host file as a block node.
+/// A host file as a block node. Its length is the file's current length: a format
+/// driver above it grows the file.
 pub struct FileDriver {
     storage: Arc<FileStorage>,
-    len: u64,
 }
 
 impl FileDriver {
     /// The driver over an opened file.
     pub fn new(storage: Arc<FileStorage>) -> io::Result<Self> {
-        let len = storage.len()?;
-        Ok(FileDriver { storage, len })
+        storage.len()?;
+        Ok(FileDriver { storage })
     }
 
     /// The storage, for format drivers that sit on this node.
@@ -33,7 +33,8 @@ impl BlockDriver for FileDriver {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        // An fstat; a file that cannot be measured reads as empty, which refuses I/O.
+        self.storage.len().unwrap_or(0)
     }
 
     fn filename(&self) -> Option<PathBuf> {
@@ -70,7 +71,10 @@ impl BlockDriver for FileDriver {
         self.storage.flush()
     }
 
-    fn block_status(&self, _offset: u64, len: u64) -> io::Result<BlockStatus> {
-        Ok(BlockStatus { data: true, zero: false, allocated: true, depth: 1, len })
+    /// Holes of the host file read as zeroes and hold no data, as QEMU's file driver
+    /// reports them.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let (data, run) = self.storage.data_run(offset)?;
+        Ok(BlockStatus { data, zero: !data, allocated: true, depth: 1, len: run.min(len) })
     }
 }

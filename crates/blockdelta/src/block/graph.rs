@@ -42,7 +42,7 @@ pub enum GraphError {
 }
 
 /// An OS error's text without Rust's ` (os error N)` suffix, as QEMU prints `strerror`.
-fn strerror(e: &io::Error) -> String {
+pub(crate) fn strerror(e: &io::Error) -> String {
     let text = match e.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code).to_string(),
         None => e.to_string(),
@@ -76,6 +76,28 @@ impl BlockGraph {
     /// All nodes, in name order.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// Removes every node from the graph and returns them with each node before the
+    /// nodes it uses (a qcow2 node before its file), the order in which to close them.
+    pub fn take_all_users_first(&self) -> Vec<Arc<Node>> {
+        let mut rest: Vec<Arc<Node>> =
+            std::mem::take(&mut *self.lock_nodes()).into_values().collect();
+        let mut ordered = Vec::with_capacity(rest.len());
+        while !rest.is_empty() {
+            let used = |n: &Arc<Node>| {
+                rest.iter().any(|user| user.children().iter().any(|c| Arc::ptr_eq(c, n)))
+            };
+            let (free, busy): (Vec<_>, Vec<_>) = rest.iter().cloned().partition(|n| !used(n));
+            if free.is_empty() {
+                // Cannot happen in a graph without cycles; close the rest in any order.
+                ordered.extend(busy);
+                break;
+            }
+            ordered.extend(free);
+            rest = busy;
+        }
+        ordered
     }
 
     /// Adds a node from a `--blockdev` argument (key=value or JSON).

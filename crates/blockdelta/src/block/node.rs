@@ -69,6 +69,11 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The backing node, when the backing image is a node of the graph.
+    fn backing_node(&self) -> Option<Arc<Node>> {
+        None
+    }
+
     /// How the driver stores persistent bitmaps, if it can (qcow2).
     fn bitmap_persistence(&self) -> Option<Arc<dyn BitmapPersistence>> {
         None
@@ -128,9 +133,13 @@ pub struct NodeOptions {
 pub struct Node {
     name: String,
     driver: Box<dyn BlockDriver>,
-    bitmaps: NodeBitmaps,
+    /// Shared, so that merges across nodes can resolve another node's bitmaps.
+    bitmaps: Arc<NodeBitmaps>,
     options: NodeOptions,
     children: Vec<Arc<Node>>,
+    /// Set by the first [`Node::close`], so that dropping the node does not close it
+    /// (and store its bitmaps) a second time.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -156,13 +165,20 @@ impl Node {
         options: NodeOptions,
         children: Vec<Arc<Node>>,
     ) -> Self {
-        let bitmaps = NodeBitmaps::new(
+        let bitmaps = Arc::new(NodeBitmaps::new(
             name,
             driver.len(),
             driver.cluster_size(),
             driver.bitmap_persistence(),
-        );
-        Node { name: name.to_string(), driver, bitmaps, options, children }
+        ));
+        Node {
+            name: name.to_string(),
+            driver,
+            bitmaps,
+            options,
+            children,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Like [`new`](Self::new), and takes over the persistent bitmaps the driver loaded
@@ -224,8 +240,14 @@ impl Node {
     }
 
     /// The node's dirty bitmaps.
-    pub fn bitmaps(&self) -> &NodeBitmaps {
+    pub fn bitmaps(&self) -> &Arc<NodeBitmaps> {
         &self.bitmaps
+    }
+
+    /// The backing node, when it is a node of the graph (bitmaps are looked up down
+    /// this chain).
+    pub fn backing_node(&self) -> Option<Arc<Node>> {
+        self.driver.backing_node()
     }
 
     /// The nodes this one uses.
@@ -257,6 +279,7 @@ impl Node {
     /// node does when it is closed. Also run, with errors only reported, when the last
     /// reference to the node goes.
     pub fn close(&self) -> io::Result<()> {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         if !self.options.read_only {
             self.bitmaps.store_persistent().map_err(|e| io::Error::other(e.to_string()))?;
         }
@@ -368,6 +391,9 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = self.close() {
             eprintln!("blockdelta: closing node '{}': {e}", self.name);
         }

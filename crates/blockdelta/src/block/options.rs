@@ -214,14 +214,15 @@ impl OptionsReader {
         self.take_str(key)?.ok_or_else(|| OptionsError::Missing(self.path(key)))
     }
 
-    /// Takes an optional boolean (`on`/`off` in key=value syntax).
+    /// Takes an optional boolean (in key=value syntax `on`/`off`, and like QEMU also
+    /// `yes`/`no`, `true`/`false` and `y`/`n`).
     pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, OptionsError> {
         match (self.map.remove(key), self.syntax) {
             (None, _) => Ok(None),
             (Some(Value::Bool(b)), Syntax::Json) => Ok(Some(b)),
             (Some(Value::String(s)), Syntax::Keyval) => match s.as_str() {
-                "on" => Ok(Some(true)),
-                "off" => Ok(Some(false)),
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
                 _ => Err(OptionsError::ExpectsOnOff(self.path(key))),
             },
             _ => Err(OptionsError::InvalidType { key: self.path(key), expected: "boolean".into() }),

@@ -23,6 +23,8 @@ pub struct Qcow2Driver {
     /// The persistent bitmaps found at open, until the node takes them.
     loaded: Mutex<Vec<LoadedBitmap>>,
     persistence: Arc<Qcow2Persistence>,
+    /// The backing node, when the backing image is a node of the graph.
+    backing_node: Option<Arc<Node>>,
 }
 
 /// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
@@ -134,9 +136,13 @@ impl Qcow2Driver {
             qcow2::image::read_header(storage.as_ref(), storage.len().map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
         let mut options = OpenOptions { writable, ..OpenOptions::default() };
+        let mut backing_node = None;
         match backing {
             Backing::None => options.ignore_backing = true,
-            Backing::Node(node) => options.backing = Some(Arc::new(NodeBacking(node))),
+            Backing::Node(node) => {
+                backing_node = Some(node.clone());
+                options.backing = Some(Arc::new(NodeBacking(node)));
+            }
             Backing::FromHeader => {
                 if let Some(name) = header.backing_file.as_deref() {
                     let name = String::from_utf8_lossy(name).into_owned();
@@ -157,7 +163,7 @@ impl Qcow2Driver {
             disk_len: header.size,
             image: image.clone(),
         });
-        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence })
+        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence, backing_node })
     }
 
     /// The image.
@@ -230,6 +236,10 @@ impl BlockDriver for Qcow2Driver {
         self.image.virtual_size()
     }
 
+    fn backing_node(&self) -> Option<Arc<Node>> {
+        self.backing_node.clone()
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.image.cluster_size())
     }
@@ -271,7 +281,19 @@ impl BlockDriver for Qcow2Driver {
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let status = self.image.block_status(offset, len).map_err(to_io)?;
-        Ok(from_image_status(status))
+        let mut result = from_image_status(status);
+        // Data clusters over holes of the file read as zeroes: say so, as QEMU does
+        // (clients then skip reading them).
+        if let (true, Some(host), false) = (result.data, status.offset, status.compressed)
+            && status.depth == 0
+        {
+            let file = self.file.block_status_blocking(host, result.len)?;
+            if file.zero {
+                result.zero = true;
+            }
+            result.len = file.len.clamp(1, result.len);
+        }
+        Ok(result)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Command-line interface: subcommands in the habits of `qemu-img`.
 
 mod info;
+mod serve;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,6 +33,15 @@ enum Command {
         #[arg(short = 'U', long)]
         force_share: bool,
     },
+    /// Serve block nodes over NBD and QMP, with qemu-storage-daemon's options
+    /// (`blockdelta serve --help` lists them).
+    #[command(disable_help_flag = true)]
+    Serve {
+        /// qemu-storage-daemon options: --blockdev, --nbd-server, --export, --chardev,
+        /// --monitor, --pidfile.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
+    },
 }
 
 /// How results are printed.
@@ -49,5 +60,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             info::run(&image, output, backing_chain, force_share)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve { args } => serve::run(args),
     }
 }

@@ -403,6 +403,33 @@ impl AsFd for FileStorage {
     }
 }
 
+impl FileStorage {
+    /// Whether `offset` lies in data or in a hole of the file, and how many bytes from
+    /// `offset` (at least 1, at most to the end of the file) share that state, from
+    /// `SEEK_DATA`/`SEEK_HOLE`. A file system without hole support reports all data.
+    pub fn data_run(&self, offset: u64) -> io::Result<(bool, u64)> {
+        let size = self.len()?;
+        if offset >= size {
+            return Ok((false, 1));
+        }
+        let next_data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            // No data at or after `offset`: a hole to the end.
+            Err(rustix::io::Errno::NXIO) => return Ok((false, size - offset)),
+            Err(e) => return Err(e.into()),
+        };
+        if next_data > offset {
+            return Ok((false, next_data.min(size) - offset));
+        }
+        let hole = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(offset)) {
+            Ok(h) => h.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((true, hole.saturating_sub(offset).max(1)))
+    }
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {

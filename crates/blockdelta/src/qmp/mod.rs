@@ -1,0 +1,311 @@
+//! QMP, the QEMU Machine Protocol: the wire protocol ([`protocol`]), monitors on unix
+//! sockets ([`monitor`]) and the commands, with QEMU's argument spellings, error classes
+//! and texts.
+
+pub mod monitor;
+pub mod protocol;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{Notify, broadcast};
+
+use self::protocol::{Command, QmpError};
+use crate::block::dirty_bitmap::{AddBitmap, BitmapInfo, BitmapRef};
+use crate::block::graph::BlockGraph;
+use crate::block::node::Node;
+use crate::block::options::{OptionsReader, Syntax};
+use crate::export::{BlockExportOptions, ExportManager, NbdServerOptions};
+
+/// The commands this monitor knows, in the order `query-commands` lists them.
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "query-named-block-nodes",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+];
+
+/// What the commands act on, shared by every monitor of a daemon.
+#[derive(Debug)]
+pub struct Qmp {
+    graph: Arc<BlockGraph>,
+    exports: Arc<ExportManager>,
+    events: broadcast::Sender<Value>,
+    quit: Arc<Notify>,
+}
+
+impl Qmp {
+    /// Commands over `graph` and `exports`; `quit` is notified by the `quit` command.
+    pub fn new(graph: Arc<BlockGraph>, exports: Arc<ExportManager>, quit: Arc<Notify>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Qmp { graph, exports, events, quit }
+    }
+
+    /// A receiver of every event emitted from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Emits an event to every negotiated client.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        let _ = self.events.send(protocol::event(name, data));
+    }
+
+    /// Asks the daemon to shut down (what `quit` does once its reply is sent).
+    pub fn request_quit(&self) {
+        self.quit.notify_one();
+    }
+
+    /// Runs a command (capabilities negotiation is the monitor's business).
+    pub async fn execute(&self, cmd: Command) -> Result<Value, QmpError> {
+        let args = Value::Object(cmd.arguments);
+        match cmd.name.as_str() {
+            "qmp_capabilities" => {
+                let mut r = reader(args)?;
+                r.take_value("enable");
+                finish(r)?;
+                Ok(json!({}))
+            }
+            "query-version" => {
+                finish(reader(args)?)?;
+                Ok(protocol::version())
+            }
+            "query-commands" => {
+                finish(reader(args)?)?;
+                Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()))
+            }
+            // The monitor calls `request_quit` once the reply is sent.
+            "quit" => {
+                finish(reader(args)?)?;
+                Ok(json!({}))
+            }
+            "query-named-block-nodes" => {
+                let mut r = reader(args)?;
+                r.take_bool("flat").map_err(generic)?;
+                finish(r)?;
+                Ok(Value::Array(self.graph.nodes().iter().map(|n| node_record(n)).collect()))
+            }
+            "block-dirty-bitmap-add" => self.bitmap_add(args),
+            "block-dirty-bitmap-remove"
+            | "block-dirty-bitmap-clear"
+            | "block-dirty-bitmap-enable"
+            | "block-dirty-bitmap-disable"
+            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_simple(&cmd.name, args),
+            "block-dirty-bitmap-merge" => self.bitmap_merge(args),
+            "nbd-server-start" => {
+                let options = nbd_server_options(args)?;
+                self.exports.start_nbd_server(options).await.map_err(generic)?;
+                Ok(json!({}))
+            }
+            "nbd-server-stop" => {
+                finish(reader(args)?)?;
+                self.exports.stop_nbd_server().map_err(generic)?;
+                Ok(json!({}))
+            }
+            "block-export-add" => {
+                let options =
+                    BlockExportOptions::from_value(args, Syntax::Json).map_err(generic)?;
+                self.exports.add(options).map_err(generic)?;
+                Ok(json!({}))
+            }
+            "block-export-del" => {
+                let mut r = reader(args)?;
+                let id = r.require_str("id").map_err(generic)?;
+                r.take_enum("mode", &["safe", "hard"]).map_err(generic)?;
+                finish(r)?;
+                self.exports.remove(&id).map_err(generic)?;
+                self.emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+                Ok(json!({}))
+            }
+            "query-block-exports" => {
+                finish(reader(args)?)?;
+                Ok(Value::Array(
+                    self.exports
+                        .query()
+                        .into_iter()
+                        .map(|e| {
+                            json!({"type": "nbd", "id": e.id, "node-name": e.node_name,
+                                   "shutting-down": false})
+                        })
+                        .collect(),
+                ))
+            }
+            other => {
+                Err(QmpError::command_not_found(format!("The command {other} has not been found")))
+            }
+        }
+    }
+
+    /// The node named `name`, for bitmap lookups (`Node '…' not found`).
+    fn bitmap_node(&self, name: &str) -> Result<Arc<Node>, QmpError> {
+        self.graph.find(name).ok_or_else(|| QmpError::generic(format!("Node '{name}' not found")))
+    }
+
+    fn bitmap_add(&self, args: Value) -> Result<Value, QmpError> {
+        let mut r = reader(args)?;
+        let node = r.require_str("node").map_err(generic)?;
+        let name = r.require_str("name").map_err(generic)?;
+        let granularity = r.take_u64("granularity").map_err(generic)?;
+        if granularity.is_some_and(|g| g > u64::from(u32::MAX)) {
+            return Err(QmpError::generic("Parameter 'granularity' expects uint32_t"));
+        }
+        let persistent = r.take_bool("persistent").map_err(generic)?.unwrap_or(false);
+        let disabled = r.take_bool("disabled").map_err(generic)?.unwrap_or(false);
+        finish(r)?;
+        if name.is_empty() {
+            return Err(QmpError::generic("Bitmap name cannot be empty"));
+        }
+        let n = self.graph.find(&node).ok_or_else(|| {
+            QmpError::generic(format!("Cannot find device='{node}' nor node-name='{node}'"))
+        })?;
+        n.bitmaps().add(&AddBitmap { name, granularity, persistent, disabled }).map_err(generic)?;
+        Ok(json!({}))
+    }
+
+    fn bitmap_simple(&self, command: &str, args: Value) -> Result<Value, QmpError> {
+        let mut r = reader(args)?;
+        let node = r.require_str("node").map_err(generic)?;
+        let name = r.require_str("name").map_err(generic)?;
+        finish(r)?;
+        let n = self.bitmap_node(&node)?;
+        let bitmaps = n.bitmaps();
+        match command {
+            "block-dirty-bitmap-remove" => bitmaps.remove(&name).map_err(generic)?,
+            "block-dirty-bitmap-clear" => bitmaps.clear(&name).map_err(generic)?,
+            "block-dirty-bitmap-enable" => bitmaps.enable(&name).map(drop).map_err(generic)?,
+            "block-dirty-bitmap-disable" => bitmaps.disable(&name).map(drop).map_err(generic)?,
+            _ => {
+                let sha = bitmaps.sha256(&name).map_err(generic)?;
+                return Ok(json!({"sha256": sha}));
+            }
+        }
+        Ok(json!({}))
+    }
+
+    fn bitmap_merge(&self, args: Value) -> Result<Value, QmpError> {
+        let mut r = reader(args)?;
+        let node = r.require_str("node").map_err(generic)?;
+        let target = r.require_str("target").map_err(generic)?;
+        let list = r
+            .take_value("bitmaps")
+            .ok_or_else(|| QmpError::generic("Parameter 'bitmaps' is missing".to_string()))?;
+        finish(r)?;
+        let Value::Array(list) = list else {
+            return Err(QmpError::generic("Invalid parameter type for 'bitmaps', expected: array"));
+        };
+        let mut sources = Vec::with_capacity(list.len());
+        for (i, item) in list.into_iter().enumerate() {
+            match item {
+                Value::String(name) => sources.push(BitmapRef::local(&name)),
+                Value::Object(_) => {
+                    let mut b = OptionsReader::new(item, &format!("bitmaps[{i}]"), Syntax::Json)
+                        .map_err(generic)?;
+                    let node = b.require_str("node").map_err(generic)?;
+                    let name = b.require_str("name").map_err(generic)?;
+                    finish(b)?;
+                    sources.push(BitmapRef::on(&node, &name));
+                }
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr"
+                    )));
+                }
+            }
+        }
+        let n = self.bitmap_node(&node)?;
+        let graph = &self.graph;
+        let resolve = |name: &str| graph.find(name).map(|n| n.bitmaps().clone());
+        n.bitmaps().merge(&target, &sources, &resolve).map_err(generic)?;
+        Ok(json!({}))
+    }
+}
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn reader(args: Value) -> Result<OptionsReader, QmpError> {
+    OptionsReader::new(args, "", Syntax::Json).map_err(generic)
+}
+
+fn finish(r: OptionsReader) -> Result<(), QmpError> {
+    r.finish().map_err(generic)
+}
+
+/// `nbd-server-start`'s arguments: `addr` is QEMU's legacy socket address
+/// (`{"type": "unix", "data": {"path": …}}`), flattened to the `--nbd-server` form.
+fn nbd_server_options(args: Value) -> Result<NbdServerOptions, QmpError> {
+    let mut args = match args {
+        Value::Object(map) => map,
+        _ => return Err(QmpError::generic("Invalid parameter type, expected: object")),
+    };
+    if let Some(Value::Object(mut addr)) = args.remove("addr") {
+        let mut flat = Map::new();
+        if let Some(kind) = addr.remove("type") {
+            flat.insert("type".into(), kind);
+        }
+        match addr.remove("data") {
+            Some(Value::Object(data)) => flat.extend(data),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'addr.data', expected: object",
+                ));
+            }
+            None => return Err(QmpError::generic("Parameter 'addr.data' is missing")),
+        }
+        if let Some(key) = addr.keys().next() {
+            return Err(QmpError::generic(format!("Parameter 'addr.{key}' is unexpected")));
+        }
+        args.insert("addr".into(), Value::Object(flat));
+    }
+    NbdServerOptions::from_value(Value::Object(args), Syntax::Json).map_err(generic)
+}
+
+/// A node's `query-named-block-nodes` record (the members blockdelta fills so far).
+fn node_record(node: &Node) -> Value {
+    let mut record = Map::new();
+    record.insert("node-name".into(), json!(node.name()));
+    record.insert("drv".into(), json!(node.driver_name()));
+    record.insert("ro".into(), json!(node.read_only()));
+    if let Some(f) = node.filename() {
+        record.insert("file".into(), json!(f.display().to_string()));
+    }
+    let bitmaps = node.bitmaps().query();
+    if !bitmaps.is_empty() {
+        record.insert(
+            "dirty-bitmaps".into(),
+            Value::Array(bitmaps.iter().map(bitmap_record).collect()),
+        );
+    }
+    Value::Object(record)
+}
+
+/// QEMU's `BlockDirtyInfo`.
+pub fn bitmap_record(b: &BitmapInfo) -> Value {
+    let mut record = Map::new();
+    if let Some(name) = &b.name {
+        record.insert("name".into(), json!(name));
+    }
+    record.insert("recording".into(), json!(b.recording));
+    record.insert("persistent".into(), json!(b.persistent));
+    record.insert("busy".into(), json!(b.busy));
+    record.insert("granularity".into(), json!(b.granularity));
+    record.insert("count".into(), json!(b.count));
+    if b.inconsistent {
+        record.insert("inconsistent".into(), json!(true));
+    }
+    Value::Object(record)
+}
