@@ -37,8 +37,8 @@ fn unit(suffix: char) -> Option<u64> {
 }
 
 /// Parses a size as `qemu-img` does for its size options: leading white space, an
-/// optional `+`, a decimal number (a fraction only with a unit above bytes, the bytes it
-/// gives truncated) or a `0x` hexadecimal integer, then at most one unit letter
+/// optional `+`, a decimal number (whose fraction may not leave a part of a byte without
+/// a unit; with one, the bytes are truncated) or a `0x` hexadecimal integer, then at most one unit letter
 /// (`b k m g t p e`, either case) and nothing else. The result is at most `i64::MAX`.
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let s = text.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
@@ -79,7 +79,8 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     if chars.next().is_some() {
         return Err(SizeError::Invalid);
     }
-    if frac_part.is_some() && multiplier == 1 {
+    // A fraction of a byte is refused; `4096.0` is fine.
+    if multiplier == 1 && frac_part.is_some_and(|d| d.bytes().any(|b| b != b'0')) {
         return Err(SizeError::Invalid);
     }
     let int: u64 =
