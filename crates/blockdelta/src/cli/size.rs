@@ -38,8 +38,9 @@ fn unit(suffix: char) -> Option<u64> {
 
 /// Parses a size as `qemu-img` does for its size options: leading white space, an
 /// optional `+`, a decimal number (whose fraction may not leave a part of a byte without
-/// a unit; with one, the bytes are truncated) or a `0x` hexadecimal integer, then at most one unit letter
-/// (`b k m g t p e`, either case) and nothing else. The result is at most `i64::MAX`.
+/// a unit; with one, the bytes are truncated) or a `0x` hexadecimal integer, then at most
+/// one unit letter (`b k m g t p e`, either case) and nothing else. The result is at most
+/// `i64::MAX`.
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let s = text.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
     if s.starts_with('-') {
