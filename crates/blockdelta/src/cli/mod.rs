@@ -1,13 +1,17 @@
 //! Command-line interface: subcommands in the habits of `qemu-img`.
 
+mod bitmap;
+mod check;
+mod image;
 mod info;
 mod serve;
+mod size;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Parser, Subcommand, ValueEnum};
 
 /// blockdelta: dirty-bitmap tracking and incremental backups, compatible with QEMU.
 #[derive(Debug, Parser)]
@@ -42,6 +46,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
+    /// Check a qcow2 image's metadata and refcounts, and repair leaks (like
+    /// `qemu-img check`). Exit codes: 0 clean, 1 check not completed, 2 corruptions,
+    /// 3 leaks only, 63 the format has no checks.
+    Check(check::CheckArgs),
+    /// Add, remove, clear, enable, disable or merge a persistent bitmap of a qcow2 image,
+    /// in the order the actions are given (like `qemu-img bitmap`).
+    Bitmap(Box<bitmap::BitmapArgs>),
 }
 
 /// How results are printed.
@@ -53,13 +64,36 @@ pub enum Output {
     Json,
 }
 
-/// Runs a parsed command line.
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+/// A failure reported as `qemu-img` reports it: `blockdelta: MESSAGE` on stderr (further
+/// lines of the message, such as hints, unprefixed) and a specific exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// What went wrong, in `qemu-img`'s words where it has them.
+    pub message: String,
+    /// The exit code.
+    pub code: u8,
+}
+
+impl Failure {
+    /// A failure with exit code 1, `qemu-img`'s code for most errors.
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure { message: message.into(), code: 1 }
+    }
+}
+
+/// Runs a parsed command line; `matches` are the matches it was parsed from.
+pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Info { image, output, backing_chain, force_share } => {
             info::run(&image, output, backing_chain, force_share)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { args } => serve::run(args),
+        Command::Check(args) => check::run(&args),
+        Command::Bitmap(args) => {
+            let sub = matches.subcommand_matches("bitmap").unwrap_or(matches);
+            bitmap::run(&args, sub)
+        }
     }
 }

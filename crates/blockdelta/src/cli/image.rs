@@ -1,0 +1,132 @@
+//! Opening an image file as block nodes for the offline tools, with `qemu-img`'s texts
+//! for what can go wrong.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use blockdelta::block::file::FileDriver;
+use blockdelta::block::node::{Node, NodeOptions};
+use blockdelta::block::qcow2::{Backing, Qcow2Driver};
+use blockdelta::block::raw::RawDriver;
+use qcow2::header::MAGIC;
+use qcow2::storage::{ConflictKind, FileOptions, FileStorage, LockConflict, Locking, Storage};
+
+use super::Failure;
+
+/// An image format the tools open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// qcow2.
+    Qcow2,
+    /// Raw (anything that is not qcow2, when probing).
+    Raw,
+}
+
+impl Format {
+    /// The format named on the command line (`-f`, `-F`).
+    pub fn from_name(name: &str) -> Result<Format, Failure> {
+        match name {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            _ => Err(Failure::new(format!("Unknown driver '{name}'"))),
+        }
+    }
+}
+
+/// An OS error's text as C's `strerror` gives it (without Rust's ` (os error N)`).
+fn strerror(e: &io::Error) -> String {
+    let text = match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code).to_string(),
+        None => e.to_string(),
+    };
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Opens the file, or says why not as `qemu-img` does: `Could not open 'F': Could not
+/// open 'F': No such file or directory`, or the lock conflict on two lines.
+pub fn open_file(path: &str, writable: bool, force_share: bool) -> Result<FileStorage, Failure> {
+    if force_share && writable {
+        return Err(Failure::new(format!(
+            "Could not open '{path}': force-share=on can only be used with read-only images"
+        )));
+    }
+    let locking = if force_share { Locking::ForceShare } else { Locking::Auto };
+    FileOptions::new().write(writable).locking(locking).open(Path::new(path)).map_err(|e| {
+        Failure::new(match LockConflict::from_io(&e) {
+            Some(conflict) => format!(
+                "Could not open '{path}': Failed to get {}\"{}\" lock\nIs another process using \
+                 the image [{path}]?",
+                if conflict.kind == ConflictKind::Unshare { "shared " } else { "" },
+                conflict.permission,
+            ),
+            None => format!("Could not open '{path}': Could not open '{path}': {}", strerror(&e)),
+        })
+    })
+}
+
+/// The format of an opened file: `format` if given (a qcow2 format on another file is
+/// refused), else qcow2 when the file starts with its magic, else raw.
+pub fn probe(storage: &dyn Storage, path: &str, format: Option<Format>) -> Result<Format, Failure> {
+    let len = storage.len().map_err(|e| Failure::new(format!("Could not open '{path}': {e}")))?;
+    let mut magic = [0u8; 4];
+    let is_qcow2 =
+        len >= 4 && storage.read_at(&mut magic, 0).is_ok() && u32::from_be_bytes(magic) == MAGIC;
+    match format {
+        Some(Format::Qcow2) if !is_qcow2 => {
+            Err(Failure::new(format!("Could not open '{path}': Image is not in qcow2 format")))
+        }
+        Some(format) => Ok(format),
+        None if is_qcow2 => Ok(Format::Qcow2),
+        None => Ok(Format::Raw),
+    }
+}
+
+/// Names for nodes, in the style of QEMU's generated names (`#block001`).
+fn node_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    format!("#block{:03}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An image opened as a format node over a file node, without its backing chain (as
+/// `qemu-img bitmap` opens images): unallocated clusters read as zeroes, which is all a
+/// bitmap operation needs.
+pub struct OpenImage {
+    /// The format node.
+    pub node: Arc<Node>,
+    /// Its format.
+    pub format: Format,
+}
+
+/// Opens `path` read-write or read-only, without backing, in `format` (probed when
+/// `None`). Persistent bitmaps are loaded; a writable open marks them in use.
+pub fn open_image(
+    path: &str,
+    format: Option<Format>,
+    writable: bool,
+) -> Result<OpenImage, Failure> {
+    let storage = open_file(path, writable, false)?;
+    let format = probe(&storage, path, format)?;
+    let options = NodeOptions { read_only: !writable, ..NodeOptions::default() };
+    let could_not_open = |e: String| Failure::new(format!("Could not open '{path}': {e}"));
+    let file_driver =
+        FileDriver::new(Arc::new(storage)).map_err(|e| could_not_open(strerror(&e)))?;
+    let file = Arc::new(Node::new(&node_name(), Box::new(file_driver), options, Vec::new()));
+    let node = match format {
+        Format::Qcow2 => {
+            let driver =
+                Qcow2Driver::open(file.clone(), Backing::None, writable).map_err(could_not_open)?;
+            Node::open(&node_name(), Box::new(driver), options, vec![file])
+        }
+        Format::Raw => {
+            let driver = RawDriver::new(file.clone(), 0, None).map_err(could_not_open)?;
+            Node::open(&node_name(), Box::new(driver), options, vec![file])
+        }
+    }
+    .map_err(could_not_open)?;
+    Ok(OpenImage { node: Arc::new(node), format })
+}
