@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow2::storage::{FileStorage, Storage};
 
@@ -11,14 +12,15 @@ use super::node::{BlockDriver, BlockStatus, ZeroFlags};
 /// A host file as a block node.
 pub struct FileDriver {
     storage: Arc<FileStorage>,
-    len: u64,
+    /// The length at open, then as resized (QEMU caches it too).
+    len: AtomicU64,
 }
 
 impl FileDriver {
     /// The driver over an opened file.
     pub fn new(storage: Arc<FileStorage>) -> io::Result<Self> {
         let len = storage.len()?;
-        Ok(FileDriver { storage, len })
+        Ok(FileDriver { storage, len: AtomicU64::new(len) })
     }
 
     /// The storage, for format drivers that sit on this node.
@@ -33,7 +35,24 @@ impl BlockDriver for FileDriver {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// A regular file takes any length, growing (sparse) or shrinking, as QEMU's
+    /// `file` driver does; only what `ftruncate` cannot represent is refused.
+    fn check_resize(&self, new_len: u64) -> io::Result<()> {
+        if new_len > i64::MAX as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "File too large"));
+        }
+        Ok(())
+    }
+
+    fn resize(&self, new_len: u64) -> io::Result<()> {
+        self.storage
+            .set_len(new_len)
+            .map_err(|e| io::Error::new(e.kind(), format!("Failed to resize the file: {e}")))?;
+        self.len.store(new_len, Ordering::Release);
+        Ok(())
     }
 
     fn filename(&self) -> Option<PathBuf> {
