@@ -309,6 +309,13 @@ fn busy_bitmap_refuses_the_resize_with_qemus_text() {
     assert_eq!(node.resize_blocking(128 * MIB).unwrap_err().to_string(), theirs);
     assert_eq!((node.len(), node.bitmaps().length()), (64 * MIB, 64 * MIB));
     node.bitmaps().set_busy(id, false).unwrap();
+    // Readonly (QEMU only has those on read-only nodes, refused before): DEFAULT check.
+    node.bitmaps().set_readonly(id, true).unwrap();
+    assert_eq!(
+        node.resize_blocking(128 * MIB).unwrap_err().to_string(),
+        "Bitmap 'b' is readonly and cannot be modified"
+    );
+    node.bitmaps().set_readonly(id, false).unwrap();
 
     // A transient busy bitmap, and a frozen one: QEMU 10.0.2 aborts on an assertion
     // after resizing (verified on a file node); blockdelta refuses up front.
@@ -523,4 +530,22 @@ fn resize_waits_for_requests_in_flight() {
     resizer.join().unwrap().unwrap();
     assert_eq!((node.len(), node.bitmaps().length()), (512 * KIB, 512 * KIB));
     assert_eq!(count(&node, "b"), 0, "the write's bit was cut off with the range");
+}
+
+#[tokio::test]
+async fn async_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_file(&dir, "a.img", MIB);
+    let graph = BlockGraph::new();
+    let node = graph.add_from_str(&format!("driver=file,node-name=f,filename={img}")).unwrap();
+    add(&node, "b");
+    node.write(vec![1; 512], 0, false).await.unwrap();
+    node.resize(2 * MIB).await.unwrap();
+    assert_eq!((node.len(), node.bitmaps().length(), file_len(&img)), (2 * MIB, 2 * MIB, 2 * MIB));
+    assert_eq!(dirty_groups(&node, "b"), [0]);
+    let other = raw_file(&dir, "ro.img", MIB);
+    let ro = graph
+        .add_from_str(&format!("driver=file,node-name=r,filename={other},read-only=on"))
+        .unwrap();
+    assert_eq!(ro.resize(MIB).await.unwrap_err().to_string(), "Image is read-only");
 }
