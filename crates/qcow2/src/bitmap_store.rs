@@ -147,6 +147,25 @@ impl Qcow2Image {
         }
     }
 
+    /// Refuses a resize while the image holds a bitmap that is not in use: nobody
+    /// loaded it, so nobody will store it at the new size, and QEMU refuses to open an
+    /// image whose (not in use) bitmap table does not cover the disk. Bitmaps loaded by
+    /// a writable user are marked in use first (`bitmaps::mark_in_use`), and stored at
+    /// the new size when it closes.
+    pub(crate) fn check_bitmaps_allow_resize(&self) -> crate::error::Result<()> {
+        let Ok((entries, _)) = self.current_directory() else {
+            return Err(Qcow2Error::UnsupportedRequest(
+                "resizing an image whose bitmap directory cannot be read",
+            ));
+        };
+        if entries.iter().any(|e| !e.in_use()) {
+            return Err(Qcow2Error::UnsupportedRequest(
+                "resizing an image with persistent bitmaps that were not loaded (not in use)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The names of the bitmaps stored in the image, in directory order (none without
     /// the extension, or when autoclear bit 0 is clear: the bitmaps are then stale).
     pub fn stored_bitmap_names(&self) -> Result<Vec<String>> {
