@@ -142,12 +142,8 @@ impl World {
     fn close(&mut self) {
         let Some((graph, node)) = self.open.take() else { return };
         if self.rng.up_to(1) == 0 {
+            // Stored once: the drop below does not store again.
             node.close().unwrap();
-            // Stored; the drop below must not store again.
-            for info in node.bitmaps().query() {
-                let id = node.bitmaps().find(info.name.as_deref().unwrap()).unwrap();
-                node.bitmaps().set_skip_store(id, true).unwrap();
-            }
             self.log.push("close".into());
         } else {
             self.log.push("drop".into());

@@ -288,3 +288,50 @@ async fn bitmaps_stored_at_close_are_what_qemu_loads() {
     let (_graph, node) = open_ours(&img, true);
     assert_eq!(by_name(&ours(&node)), by_name(&qemu));
 }
+
+/// Autoclear bit 0 cleared by a program without bitmap support: qemu-storage-daemon
+/// and blockdelta both load no bitmap; a read-only node leaves the header alone, a
+/// writable one drops the extension (`qemu-img info` then lists no bitmaps, with no
+/// warning), and a new persistent bitmap can be stored afterwards.
+#[test]
+fn stale_bitmaps_are_dropped_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stale.qcow2").to_str().unwrap().to_string();
+    make_image(&img);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[95] &= !1; // autoclear bit 0
+    std::fs::write(&img, &bytes).unwrap();
+    let (qemu, _) = qemu_view(&img, true);
+    assert!(qemu.is_empty(), "QEMU loads none: {qemu:?}");
+    {
+        let (_graph, node) = open_ours(&img, true);
+        assert!(ours(&node).is_empty());
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), bytes, "a read-only open changes nothing");
+    {
+        let (_graph, node) = open_ours(&img, false);
+        assert!(ours(&node).is_empty());
+        // Already on disk at open, before any write or store.
+        let now = std::fs::read(&img).unwrap();
+        let storage = qcow2::storage::MemStorage::from_bytes(now.clone());
+        let header = qcow2::image::read_header(&storage, now.len() as u64).unwrap();
+        assert!(header.extension(qcow2::header::EXT_BITMAPS).is_none());
+        let add = blockdelta::block::dirty_bitmap::AddBitmap {
+            name: "fresh".into(),
+            persistent: true,
+            ..Default::default()
+        };
+        node.bitmaps().add(&add).unwrap();
+    }
+    let out = std::process::Command::new(testkit::require_tool("qemu-img"))
+        .args(["info", "--output=json", &img])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let info: Value = testkit::serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"],
+        json!([{"flags": ["auto"], "name": "fresh", "granularity": 65536}])
+    );
+}

@@ -13,6 +13,9 @@
 //!    old set of bitmaps (and leaked clusters at worst); after it, the new set.
 //! 4. Only then are the old directory and the replaced (or removed) bitmaps' tables and
 //!    data clusters freed, and the refcount decrements flushed.
+//!
+//! A stale extension (autoclear bit 0 clear: a program without bitmap support wrote the
+//! image) is dropped at a writable open by step 3 alone; its clusters are leaked.
 
 use hbitmap::HBitmap;
 
@@ -108,6 +111,65 @@ impl Qcow2Image {
         let ext = BitmapsExtension::parse(&data, cs)?;
         let entries = bitmaps::read_directory(self.storage.as_ref(), &ext, cs, self.size())?;
         Ok((entries, Some(ext)))
+    }
+
+    /// Whether the header has a bitmaps extension that a program without bitmap
+    /// support may have outdated: autoclear bit 0 is clear (always so in a version 2
+    /// image). Its bitmaps must not be used.
+    pub fn has_stale_bitmaps(&self) -> bool {
+        let st = self.state();
+        st.header.bitmaps_extension().is_some()
+            && st.header.autoclear_features & AUTOCLEAR_BITMAPS == 0
+    }
+
+    /// Drops a stale bitmaps extension (see [`has_stale_bitmaps`](Self::has_stale_bitmaps))
+    /// from the header, as QEMU does when it opens such an image writable: the header is
+    /// rewritten without it in one write, then synced. Returns whether it did.
+    ///
+    /// The old directory, tables and data clusters are left allocated (leaked, as QEMU
+    /// leaves them; `check -r leaks` frees them): a program that did not know the
+    /// extension may have repaired those "leaks" and reused the clusters for guest data
+    /// since, so freeing what the stale directory names could free live clusters.
+    pub fn drop_stale_bitmaps(&self) -> crate::error::Result<bool> {
+        if !self.writable() || !self.has_stale_bitmaps() {
+            return Ok(false);
+        }
+        // Serialized with the other header writers (allocation, stores).
+        let _ws = self.meta();
+        if !self.has_stale_bitmaps() {
+            return Ok(false);
+        }
+        match self.switch_bitmaps_header(None) {
+            Ok(()) => Ok(true),
+            Err(StoreError::Image(e)) => Err(e),
+            // A header loses bytes here, so it cannot outgrow the first cluster.
+            Err(_) => Err(Qcow2Error::corrupt("header", 0, "cannot drop the bitmaps extension")),
+        }
+    }
+
+    /// Refuses a resize while the image holds a bitmap that is not in use: nobody
+    /// loaded it, so nobody will store it at the new size, and QEMU refuses to open an
+    /// image whose (not in use) bitmap table does not cover the disk. Bitmaps loaded by
+    /// a writable user are marked in use first (`bitmaps::mark_in_use`), and stored at
+    /// the new size when it closes.
+    pub(crate) fn check_bitmaps_allow_resize(&self) -> crate::error::Result<()> {
+        let Ok((entries, _)) = self.current_directory() else {
+            return Err(Qcow2Error::UnsupportedRequest(
+                "resizing an image whose bitmap directory cannot be read",
+            ));
+        };
+        if entries.iter().any(|e| !e.in_use()) {
+            return Err(Qcow2Error::UnsupportedRequest(
+                "resizing an image with persistent bitmaps that were not loaded (not in use)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The names of the bitmaps stored in the image, in directory order (none without
+    /// the extension, or when autoclear bit 0 is clear: the bitmaps are then stale).
+    pub fn stored_bitmap_names(&self) -> Result<Vec<String>> {
+        Ok(self.current_directory()?.0.into_iter().map(|e| e.name).collect())
     }
 
     /// Stores persistent bitmaps (QEMU's `qcow2_store_persistent_dirty_bitmaps`):

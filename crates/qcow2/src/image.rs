@@ -155,7 +155,8 @@ impl Qcow2Image {
     /// Opens the qcow2 image on `storage`.
     ///
     /// Reads and checks the header, its extensions, the active L1 table and the
-    /// refcount table. Refuses unknown incompatible features, encryption, external data
+    /// refcount table. A writable open drops a stale bitmaps extension (autoclear bit
+    /// 0 clear) from the header, as QEMU does. Refuses unknown incompatible features, encryption, external data
     /// files, extended L2 entries, the dirty bit (the refcounts need repair), and the
     /// corrupt bit for a writable open.
     pub fn open(storage: Arc<dyn Storage>, options: OpenOptions) -> Result<Qcow2Image> {
@@ -253,7 +254,7 @@ impl Qcow2Image {
 
         let l2_tables = (options.l2_cache_bytes / cluster_size).clamp(1, 1 << 16) as usize;
         let ref_blocks = (options.refcount_cache_bytes / cluster_size).clamp(1, 1 << 16) as usize;
-        Ok(Qcow2Image {
+        let image = Qcow2Image {
             storage,
             writable: options.writable,
             backing: options.backing,
@@ -271,7 +272,10 @@ impl Qcow2Image {
             l2_cache: Mutex::new(MetaCache::new(l2_tables)),
             refblock_cache: Mutex::new(MetaCache::new(ref_blocks)),
             last_compressed: Mutex::new(None),
-        })
+        };
+        // QEMU drops a stale bitmaps extension as soon as it opens the image writable.
+        image.drop_stale_bitmaps()?;
+        Ok(image)
     }
 
     /// Opens the qcow2 image file at `path` with its backing chain (see

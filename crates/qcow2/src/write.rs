@@ -956,9 +956,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Grows the virtual size to `new_size` (shrinking is refused). The L1 table is
-    /// moved to a bigger area when needed: the new table is written and flushed before
-    /// the header points at it.
+    /// Grows the virtual size to `new_size` (shrinking is refused, and so is a resize
+    /// while a stored bitmap is not in use, i.e. not loaded by the caller). The L1
+    /// table is moved to a bigger area when needed: the new table is written and
+    /// flushed before the header points at it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.prepare_write()?;
         let size = self.size();
@@ -968,6 +969,7 @@ impl Qcow2Image {
         if new_size > i64::MAX as u64 {
             return Err(Qcow2Error::OutOfRange { offset: new_size, len: 0, size });
         }
+        self.check_bitmaps_allow_resize()?;
         let cb = self.cluster_bits;
         let cs = self.cluster_size();
         let mut ws = self.meta();

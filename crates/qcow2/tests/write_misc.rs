@@ -52,6 +52,39 @@ fn resize_grows_and_moves_l1() {
     }
 }
 
+/// A stored bitmap nobody loaded (not in use) would keep a table for the old size,
+/// which QEMU then refuses to open: the resize is refused until it is marked in use.
+#[test]
+fn resize_with_unloaded_bitmaps_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("b.qcow2");
+    create(&p, 1 << 20, "", None);
+    img(&["bitmap", "--add", &s(&p), "b0"]);
+    let image = Qcow2Image::open_path(&p, true).unwrap();
+    let err = image.resize(4 << 20).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unsupported request: resizing an image with persistent bitmaps that were not loaded (not in use)"
+    );
+    assert_eq!(image.virtual_size(), 1 << 20);
+    // Loaded and marked in use (as the block layer does at a writable open): allowed.
+    let header = image.header();
+    let ext = qcow2::bitmaps::BitmapsExtension::parse(
+        header.extension(qcow2::header::EXT_BITMAPS).unwrap(),
+        image.cluster_size(),
+    )
+    .unwrap();
+    let storage = image.storage().clone();
+    let mut entries =
+        qcow2::bitmaps::read_directory(storage.as_ref(), &ext, image.cluster_size(), 1 << 20)
+            .unwrap();
+    qcow2::bitmaps::mark_in_use(storage.as_ref(), &ext, &mut entries).unwrap();
+    drop(storage);
+    image.resize(4 << 20).unwrap();
+    image.close().unwrap();
+    assert_clean(&p, "resized with an in-use bitmap");
+}
+
 #[test]
 fn shrinking_is_refused() {
     let d = tempfile::tempdir().unwrap();

@@ -37,6 +37,21 @@ impl BlockDriver for FileDriver {
         self.storage.len().unwrap_or(0)
     }
 
+    /// A regular file takes any length, growing (sparse) or shrinking, as QEMU's
+    /// `file` driver does; only what `ftruncate` cannot represent is refused.
+    fn check_resize(&self, new_len: u64) -> io::Result<()> {
+        if new_len > i64::MAX as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "File too large"));
+        }
+        Ok(())
+    }
+
+    fn resize(&self, new_len: u64) -> io::Result<()> {
+        self.storage
+            .set_len(new_len)
+            .map_err(|e| io::Error::new(e.kind(), format!("Failed to resize the file: {e}")))
+    }
+
     fn filename(&self) -> Option<PathBuf> {
         Some(self.storage.path().to_path_buf())
     }

@@ -8,11 +8,11 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use qcow2::storage::Storage;
 
-use super::dirty_bitmap::{BitmapPersistence, LoadedBitmap, NodeBitmaps};
+use super::dirty_bitmap::{BitmapError, BitmapPersistence, LoadedBitmap, NodeBitmaps};
 
 /// What a range of a node holds, as block status reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +84,21 @@ pub trait BlockDriver: Send + Sync {
         Vec::new()
     }
 
+    /// Whether a resize to `new_len` bytes could be done: the driver's own
+    /// preconditions (alignment, options), checked before the node's bitmaps are, as
+    /// QEMU does. The default refuses: the driver cannot resize.
+    fn check_resize(&self, _new_len: u64) -> io::Result<()> {
+        Err(resize_unsupported())
+    }
+
+    /// Changes the length to `new_len` bytes (after [`check_resize`] passed). Called
+    /// with the node's I/O drained and its bitmap lock held.
+    ///
+    /// [`check_resize`]: BlockDriver::check_resize
+    fn resize(&self, _new_len: u64) -> io::Result<()> {
+        Err(resize_unsupported())
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
@@ -101,6 +116,38 @@ pub trait BlockDriver: Send + Sync {
 
     /// The status of the range at `offset`, at most `len` bytes of it.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus>;
+}
+
+/// QEMU's text for a driver without resize.
+fn resize_unsupported() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "Image format driver does not support resize")
+}
+
+/// Why [`Node::resize`] refused or failed. `Display` is QEMU's text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// The node was opened read-only.
+    #[error("Image is read-only")]
+    ReadOnly,
+    /// A bitmap of the node does not allow it (busy, frozen, readonly, inconsistent, or
+    /// stored in the image but not loaded).
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// The driver refused or failed; the message is the driver's (QEMU's text where it
+    /// has one, e.g. `Cannot resize fixed-size raw disks`).
+    #[error(transparent)]
+    Driver(io::Error),
+}
+
+impl From<ResizeError> for io::Error {
+    fn from(e: ResizeError) -> io::Error {
+        match e {
+            ResizeError::Driver(e) => e,
+            ResizeError::ReadOnly => io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()),
+            other => io::Error::other(other.to_string()),
+        }
+    }
 }
 
 /// `detect-zeroes`: whether writes of all-zero buffers become write-zeroes.
@@ -140,6 +187,9 @@ pub struct Node {
     /// Set by the first [`Node::close`], so that dropping the node does not close it
     /// (and store its bitmaps) a second time.
     closed: std::sync::atomic::AtomicBool,
+    /// Requests hold it shared; a resize holds it exclusively, so that no request
+    /// checked against the old length runs while the length changes.
+    io_gate: RwLock<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -178,6 +228,7 @@ impl Node {
             options,
             children,
             closed: std::sync::atomic::AtomicBool::new(false),
+            io_gate: RwLock::new(()),
         }
     }
 
@@ -255,6 +306,11 @@ impl Node {
         &self.children
     }
 
+    /// Holds off resizes while a request runs (shared: requests run concurrently).
+    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => Ok(()),
@@ -288,6 +344,7 @@ impl Node {
 
     /// Reads `buf.len()` bytes at `offset` (blocking).
     pub fn read_blocking(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _gate = self.io_shared();
         self.check_range(offset, buf.len() as u64)?;
         self.driver.read(buf, offset)
     }
@@ -295,6 +352,7 @@ impl Node {
     /// Writes `buf` at `offset` (blocking), then marks the bitmaps. With
     /// `detect-zeroes`, an all-zero buffer is written as zeroes.
     pub fn write_blocking(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let _gate = self.io_shared();
         self.check_writable(offset, buf.len() as u64)?;
         let zeroes = self.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
         let result = if zeroes {
@@ -309,6 +367,7 @@ impl Node {
 
     /// Write-zeroes (blocking), then marks the bitmaps.
     pub fn write_zeroes_blocking(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let _gate = self.io_shared();
         self.check_writable(offset, len)?;
         let flags = ZeroFlags { may_unmap: flags.may_unmap && self.options.discard_unmap, ..flags };
         let result = self.driver.write_zeroes(offset, len, flags);
@@ -319,6 +378,7 @@ impl Node {
     /// Discard (blocking), then marks the bitmaps. Without `discard=unmap` the request
     /// is ignored: nothing changes, so nothing is recorded (QEMU 10.0.2 behaves so).
     pub fn discard_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _gate = self.io_shared();
         self.check_writable(offset, len)?;
         if !self.options.discard_unmap {
             return Ok(());
@@ -330,11 +390,34 @@ impl Node {
 
     /// Flush (blocking).
     pub fn flush_blocking(&self) -> io::Result<()> {
+        let _gate = self.io_shared();
         if self.options.no_flush { Ok(()) } else { self.driver.flush() }
+    }
+
+    /// Resizes the node to `new_len` bytes (blocking), with QEMU's rules: refused on a
+    /// read-only node, then by the driver's preconditions, then by the bitmaps (see
+    /// [`NodeBitmaps::resize_with`]). On success every bitmap has the new length (bits
+    /// past the old end clean, bits before it kept; a shrink drops the bits past the
+    /// new end), and persistent ones are stored at that length when the node closes.
+    ///
+    /// Requests in flight finish first and new ones wait (the I/O gate), and the bitmap
+    /// lock is held from the check to the new length, so [`len`](Self::len) and
+    /// [`NodeBitmaps::length`] change together as far as any request or bitmap
+    /// operation can see. A format driver resizes its child through the child's
+    /// `resize_blocking`: locks are taken parent first, as requests take them.
+    pub fn resize_blocking(&self, new_len: u64) -> Result<(), ResizeError> {
+        if self.options.read_only {
+            return Err(ResizeError::ReadOnly);
+        }
+        let _gate = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
+        self.driver.check_resize(new_len).map_err(ResizeError::Driver)?;
+        self.bitmaps
+            .resize_with(new_len, || self.driver.resize(new_len).map_err(ResizeError::Driver))
     }
 
     /// Block status (blocking).
     pub fn block_status_blocking(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let _gate = self.io_shared();
         if len == 0 {
             return Err(invalid("block status of an empty range".into()));
         }
@@ -380,6 +463,14 @@ impl Node {
     pub async fn flush(self: &Arc<Self>) -> io::Result<()> {
         let node = self.clone();
         blocking(move || node.flush_blocking()).await
+    }
+
+    /// Resizes the node (see [`resize_blocking`](Self::resize_blocking)).
+    pub async fn resize(self: &Arc<Self>, new_len: u64) -> Result<(), ResizeError> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.resize_blocking(new_len)).await.map_err(|e| {
+            ResizeError::Driver(io::Error::other(format!("resize task failed: {e}")))
+        })?
     }
 
     /// The status of the range at `offset`.

@@ -32,7 +32,6 @@ pub struct Qcow2Persistence {
     writable: bool,
     version: u32,
     cluster_size: u64,
-    disk_len: u64,
     image: Arc<Qcow2Image>,
 }
 
@@ -70,7 +69,9 @@ impl BitmapPersistence for Qcow2Persistence {
         if granularity < 512 {
             return Err("Granularity is under minimum (512 bytes)".into());
         }
-        let table = qbitmaps::table_size(self.disk_len, granularity, self.cluster_size);
+        // The current length: the node may have been resized since it was opened.
+        let disk_len = self.image.virtual_size();
+        let table = qbitmaps::table_size(disk_len, granularity, self.cluster_size);
         if table > u64::from(qbitmaps::MAX_TABLE_SIZE)
             || table * self.cluster_size > qbitmaps::MAX_PHYS_SIZE
         {
@@ -104,6 +105,10 @@ impl BitmapPersistence for Qcow2Persistence {
             })
             .collect();
         self.image.store_bitmaps(&list).map_err(|e| e.to_string())
+    }
+
+    fn stored_names(&self) -> Result<Vec<String>, String> {
+        self.image.stored_bitmap_names().map_err(|e| e.to_string())
     }
 }
 
@@ -160,7 +165,6 @@ impl Qcow2Driver {
             writable,
             version: header.version,
             cluster_size: header.cluster_size(),
-            disk_len: header.size,
             image: image.clone(),
         });
         Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence, backing_node })
@@ -184,9 +188,16 @@ fn load_bitmaps(
 ) -> Result<Vec<LoadedBitmap>, String> {
     let Some(data) = header.extension(EXT_BITMAPS) else { return Ok(Vec::new()) };
     if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
-        // A program without bitmap support wrote the image: the bitmaps are stale.
+        // A program without bitmap support wrote the image: the bitmaps are stale. They
+        // are dropped; a writable open has already removed the extension from the
+        // header (`Qcow2Image::open`), leaking their clusters. QEMU's texts.
+        let what = if header.version == 2 {
+            "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
+        } else {
+            "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+        };
         eprintln!(
-            "warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
+            "warning: {what}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
         );
         return Ok(Vec::new());
     }
@@ -250,6 +261,29 @@ impl BlockDriver for Qcow2Driver {
 
     fn bitmap_persistence(&self) -> Option<Arc<dyn BitmapPersistence>> {
         Some(self.persistence.clone())
+    }
+
+    /// QEMU's qcow2 preconditions: a multiple of 512 bytes. Shrinking is refused:
+    /// QEMU 10.0.2 can shrink a qcow2 image, this driver cannot yet, and says so with
+    /// the text QEMU used before it could.
+    fn check_resize(&self, new_len: u64) -> io::Result<()> {
+        if !new_len.is_multiple_of(512) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "The new size must be a multiple of 512",
+            ));
+        }
+        if new_len < self.image.virtual_size() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "qcow2 doesn't support shrinking images yet",
+            ));
+        }
+        Ok(())
+    }
+
+    fn resize(&self, new_len: u64) -> io::Result<()> {
+        self.image.resize(new_len).map_err(to_io)
     }
 
     fn take_loaded_bitmaps(&self) -> Vec<LoadedBitmap> {

@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 
@@ -10,7 +11,9 @@ use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 pub struct RawDriver {
     child: Arc<Node>,
     offset: u64,
-    size: u64,
+    size: AtomicU64,
+    /// `size` was given: the window is fixed and cannot be resized (QEMU's rule).
+    fixed_size: bool,
 }
 
 impl RawDriver {
@@ -22,6 +25,7 @@ impl RawDriver {
                 "Offset ({offset}) cannot be greater than size of the containing file ({child_len})"
             ));
         }
+        let fixed_size = size.is_some();
         let size = match size {
             Some(size) if size % 512 != 0 => {
                 return Err("Specified size is not multiple of 512".into());
@@ -34,7 +38,7 @@ impl RawDriver {
             Some(size) => size,
             None => child_len - offset,
         };
-        Ok(RawDriver { child, offset, size })
+        Ok(RawDriver { child, offset, size: AtomicU64::new(size), fixed_size })
     }
 }
 
@@ -44,7 +48,31 @@ impl BlockDriver for RawDriver {
     }
 
     fn len(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn check_resize(&self, new_len: u64) -> io::Result<()> {
+        if self.fixed_size {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Cannot resize fixed-size raw disks",
+            ));
+        }
+        if self.offset.checked_add(new_len).is_none_or(|end| end > i64::MAX as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Disk size too large for the chosen offset",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resizes the child to `offset + new_len` (growing or shrinking it, as QEMU does),
+    /// through the child node, whose own bitmaps follow.
+    fn resize(&self, new_len: u64) -> io::Result<()> {
+        self.child.resize_blocking(self.offset + new_len)?;
+        self.size.store(new_len, Ordering::Release);
+        Ok(())
     }
 
     fn filename(&self) -> Option<PathBuf> {

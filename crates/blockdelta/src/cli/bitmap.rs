@@ -9,9 +9,8 @@
 //! gives exit code 1.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use blockdelta::block::dirty_bitmap::{AddBitmap, BitmapError, BitmapRef, NodeBitmaps};
+use blockdelta::block::dirty_bitmap::{AddBitmap, BitmapRef};
 use blockdelta::block::node::Node;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches};
@@ -228,11 +227,12 @@ fn apply(
         Action::Disable => bitmaps.disable(name).map(drop),
         Action::Merge(src) => match source {
             None => bitmaps.merge(name, &[BitmapRef::local(src)], &|_| None),
-            Some(source) => mirror(&source.node, src).and_then(|mirror| {
+            Some(source) => {
                 let node = source.node.name().to_string();
-                let resolve = move |n: &str| (n == node).then(|| mirror.clone());
+                let source_bitmaps = source.node.bitmaps().clone();
+                let resolve = move |n: &str| (n == node).then(|| source_bitmaps.clone());
                 bitmaps.merge(name, &[BitmapRef::on(source.node.name(), src)], &resolve)
-            }),
+            }
         },
     };
     result.map_err(|e| {
@@ -244,43 +244,8 @@ fn apply(
     })
 }
 
-/// A copy of bitmap `name` of `source` (bits, granularity, and the states that the
-/// merge checks: busy, inconsistent) on a bitmap set of its own, which a merge can
-/// resolve by the source node's name. `Node` keeps its bitmaps inline, not in an `Arc`,
-/// so the manager's cross-node merge cannot reach them directly. A missing bitmap is
-/// left missing, for the merge to report in QEMU's order (target first).
-fn mirror(source: &Node, name: &str) -> Result<Arc<NodeBitmaps>, BitmapError> {
-    let bitmaps = source.bitmaps();
-    let copy = Arc::new(NodeBitmaps::new(source.name(), bitmaps.length(), None, None));
-    let Some(id) = bitmaps.find(name) else { return Ok(copy) };
-    let info = bitmaps.info(id)?;
-    let bits = bitmaps.with_bits(id, Clone::clone)?;
-    let copy_id = copy.add(&AddBitmap {
-        name: name.to_string(),
-        granularity: Some(u64::from(info.granularity)),
-        persistent: false,
-        disabled: !info.recording,
-    })?;
-    copy.with_bits_mut(copy_id, |b| *b = bits)?;
-    if info.inconsistent {
-        copy.set_persistent(copy_id, true)?;
-        copy.set_inconsistent(copy_id)?;
-    }
-    if info.busy {
-        copy.set_busy(copy_id, true)?;
-    }
-    Ok(copy)
-}
-
 /// Closes the image: stores its persistent bitmaps and flushes. A failure is exit code 1.
 fn close(node: &Node) -> Result<(), Failure> {
-    let result = node.close();
-    // The node closes again when dropped, and a second store would find the bitmaps no
-    // longer in use on disk and refuse; nothing is left to store after this one anyway.
-    for info in node.bitmaps().query() {
-        if let Some(id) = info.name.as_deref().and_then(|n| node.bitmaps().find(n)) {
-            let _ = node.bitmaps().set_skip_store(id, true);
-        }
-    }
-    result.map_err(|e| Failure::new(e.to_string()))
+    // Closing runs once: dropping the node later does not store again.
+    node.close().map_err(|e| Failure::new(e.to_string()))
 }

@@ -214,10 +214,9 @@ fn monitor_chardev(value: &str) -> Result<String, String> {
         parse_keyval_or_json(&implied_key(value, "chardev")).map_err(|e| e.to_string())?;
     let mut r = OptionsReader::new(v, "", syntax).map_err(|e| e.to_string())?;
     let id = r.require_str("chardev").map_err(|e| e.to_string())?;
-    if let Some(mode) = r.take_enum("mode", &["control", "readline"]).map_err(|e| e.to_string())? {
-        if mode != "control" {
-            return Err("Only QMP is supported".into());
-        }
+    let mode = r.take_enum("mode", &["control", "readline"]).map_err(|e| e.to_string())?;
+    if mode.is_some_and(|m| m != "control") {
+        return Err("Only QMP is supported".into());
     }
     r.take_bool("pretty").map_err(|e| e.to_string())?;
     r.finish().map_err(|e| e.to_string())?;

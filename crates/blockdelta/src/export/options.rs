@@ -52,9 +52,8 @@ impl NbdServerOptions {
                 "Parameter 'max-connections' expects uint32_t, got {max_connections}"
             ))
         })?;
-        for ignored in ["handshake-max-seconds"] {
-            r.take_u64(ignored)?;
-        }
+        // Accepted and ignored: handshakes are bounded by the codec's limits instead.
+        r.take_u64("handshake-max-seconds")?;
         if let Some(tls) = r.take_str("tls-creds")? {
             return Err(OptionsError::Conflict(format!(
                 "No TLS credentials with id '{tls}': blockdelta serves NBD without TLS; \

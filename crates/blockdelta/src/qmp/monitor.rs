@@ -64,10 +64,10 @@ async fn serve_client(mut stream: UnixStream, qmp: &Arc<Qmp>) {
                 Ok(n) => n,
             },
             event = recv_event(&mut events) => {
-                if let Some(event) = event {
-                    if stream.write_all(&protocol::encode(&event)).await.is_err() {
-                        return;
-                    }
+                if let Some(event) = event
+                    && stream.write_all(&protocol::encode(&event)).await.is_err()
+                {
+                    return;
                 }
                 continue;
             }

@@ -90,13 +90,15 @@ pub enum BitmapError {
     /// An internal handle outlived its bitmap (a bug in the caller).
     #[error("dirty bitmap {0:?} does not exist on this node")]
     UnknownId(BitmapId),
-    /// The resize of a bitmap that is in use.
-    #[error("cannot resize node '{node}': bitmap '{name}' is in use")]
-    ResizeBusy {
-        /// The node's name.
-        node: String,
-        /// The bitmap in use (empty for an anonymous one).
-        name: String,
+    /// A resize of a qcow2 node whose image holds a persistent bitmap that is not in
+    /// memory (it could not be resized with the others).
+    #[error("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory")]
+    ResizeNotLoaded,
+    /// Reading the stored bitmaps' list failed (before a resize).
+    #[error("{reason}")]
+    StoredList {
+        /// What went wrong in the image.
+        reason: String,
     },
     /// The bit structure refused the operation (size limits, allocation).
     #[error(transparent)]

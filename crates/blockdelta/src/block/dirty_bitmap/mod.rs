@@ -123,4 +123,10 @@ pub trait BitmapPersistence: Send + Sync {
 
     /// Writes `bitmaps` into the image (entries of the image not named here are kept).
     fn store(&self, bitmaps: &[BitmapToStore<'_>]) -> Result<(), String>;
+
+    /// The names of the bitmaps stored in the image, in directory order. Before a
+    /// resize each must be in memory, since only those are resized (QEMU's qcow2 rule).
+    fn stored_names(&self) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
 }

@@ -564,23 +564,51 @@ impl NodeBitmaps {
         self.lock().bitmaps.iter().any(|b| b.name.is_some())
     }
 
-    /// Resizes every bitmap to `new_length` bytes (growing adds clean bits). Refused
-    /// while any bitmap is busy or frozen.
+    /// Resizes every bitmap to `new_length` bytes (growing adds clean bits, shrinking
+    /// drops the bits past the end). Refused while any bitmap is busy or frozen, and on
+    /// a node with persistent bitmaps under the rules of [`resize_with`](Self::resize_with).
     pub fn truncate(&self, new_length: u64) -> Result<(), BitmapError> {
+        self.resize_with(new_length, || Ok(()))
+    }
+
+    /// Resizes the node: checks that its bitmaps allow it, runs `resize_node` (the
+    /// driver's resize), and if that succeeds resizes every bitmap to `new_length`. The
+    /// bitmap lock is held throughout, so no bitmap can become busy, be added at the old
+    /// length or record a write between the check and the new length; `resize_node`
+    /// must therefore not call back into these bitmaps.
+    ///
+    /// The checks, in QEMU's order: every bitmap stored in the image (directory order)
+    /// must be in memory (`Cannot resize qcow2 with persistent bitmaps that were not
+    /// loaded into memory`) and pass the DEFAULT checks (busy, readonly, inconsistent);
+    /// then no bitmap may be busy or frozen. QEMU 10.0.2 asserts the latter and aborts
+    /// after resizing the file; refusing before anything changes is the safe reading.
+    /// When `resize_node` fails, the bitmaps are unchanged.
+    pub fn resize_with<E: From<BitmapError>>(
+        &self,
+        new_length: u64,
+        resize_node: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut inner = self.lock();
-        if let Some(b) = inner.bitmaps.iter().find(|b| b.busy || b.successor.is_some()) {
-            return Err(BitmapError::ResizeBusy {
-                node: self.node_name.clone(),
-                name: b.name.clone().unwrap_or_default(),
-            });
+        if let Some(persistence) = &self.persistence {
+            let stored =
+                persistence.stored_names().map_err(|reason| BitmapError::StoredList { reason })?;
+            for name in stored {
+                let i = inner.index_by_name(&name).map_err(|_| BitmapError::ResizeNotLoaded)?;
+                inner.bitmaps[i].check(Checks::DEFAULT)?;
+            }
         }
-        // Size every bitmap before changing any, so a failure leaves all as they were.
+        if let Some(b) = inner.bitmaps.iter().find(|b| b.busy || b.successor.is_some()) {
+            return Err(BitmapError::Busy(b.display_name()).into());
+        }
+        // Size every bitmap before changing anything, so that a failure (allocation,
+        // size limits) leaves the node and all bitmaps as they were.
         let mut resized = Vec::with_capacity(inner.bitmaps.len());
         for bitmap in &inner.bitmaps {
             let mut bits = bitmap.bits.clone();
-            bits.truncate(new_length)?;
+            bits.truncate(new_length).map_err(BitmapError::from)?;
             resized.push(bits);
         }
+        resize_node()?;
         for (bitmap, bits) in inner.bitmaps.iter_mut().zip(resized) {
             bitmap.bits = bits;
         }
