@@ -42,6 +42,8 @@ pub enum ServeError {
 const MAX_SKIPPED_OPTION: u32 = 1 << 20;
 /// Memory budget of one connection's in-flight requests, in 1 MiB units.
 const INFLIGHT_MIB: u32 = 96;
+/// Replies smaller than this are gathered into one write while more are ready.
+const WRITE_BATCH: usize = 256 * 1024;
 /// Granularity of hole detection in structured reads.
 const HOLE_GRANULE: u64 = 4096;
 
@@ -112,25 +114,29 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 /// Linux's `EADDRINUSE`, so that the error reads as the OS's own.
 const EADDRINUSE: i32 = 98;
 
-/// A listening socket of either kind.
+/// A listening socket of either kind; a connection comes as owned read and write
+/// halves, which (unlike `tokio::io::split`) share no lock.
 trait Listener: Send + 'static {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
 }
 
 impl Listener for UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
-        UnixListener::accept(self).await.map(|(s, _)| s)
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn accept(&self) -> io::Result<(Self::Read, Self::Write)> {
+        UnixListener::accept(self).await.map(|(s, _)| s.into_split())
     }
 }
 
 impl Listener for TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<Self::Stream> {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn accept(&self) -> io::Result<(Self::Read, Self::Write)> {
         let (stream, _) = TcpListener::accept(self).await?;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok(stream.into_split())
     }
 }
 
@@ -184,10 +190,10 @@ impl Server {
             };
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(stream) => {
+                    Ok((rd, wr)) => {
                         let s = self.clone();
                         conns.spawn(async move {
-                            let _ = s.serve(stream).await;
+                            let _ = s.serve_halves(rd, wr).await;
                             drop(slot);
                         });
                     }
@@ -204,7 +210,19 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (rd, wr) = tokio::io::split(stream);
+        self.serve_halves(rd, wr).await
+    }
+
+    /// [`serve`](Self::serve) on a connection's separate read and write halves.
+    pub async fn serve_halves<R, W>(&self, rd: R, mut wr: W) -> Result<(), ServeError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        // Buffered: a request header then takes one read call, not two; large payloads
+        // bypass the buffer.
+        let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
         let Some(session) = negotiate(&self.exports, &mut rd, &mut wr).await? else {
             return Ok(());
         };
@@ -511,10 +529,28 @@ where
     let session = Arc::new(session);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
     let writer = tokio::spawn(async move {
+        // Replies that are ready together go out in one write.
+        let mut batch: Vec<u8> = Vec::new();
+        let mut permits = Vec::new();
         while let Some((bytes, permit)) = rx.recv().await {
-            wr.write_all(&bytes).await?;
+            if bytes.len() >= WRITE_BATCH {
+                wr.write_all(&bytes).await?;
+                drop(permit);
+            } else {
+                batch.extend_from_slice(&bytes);
+                permits.push(permit);
+            }
+            while batch.len() < WRITE_BATCH {
+                let Ok((bytes, permit)) = rx.try_recv() else { break };
+                batch.extend_from_slice(&bytes);
+                permits.push(permit);
+            }
+            if !batch.is_empty() {
+                wr.write_all(&batch).await?;
+                batch.clear();
+            }
             wr.flush().await?;
-            drop(permit);
+            permits.clear();
         }
         wr.shutdown().await
     });

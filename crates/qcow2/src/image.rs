@@ -454,6 +454,46 @@ impl Qcow2Image {
 
     /// The mapping of guest cluster `index` (guest offset `index * cluster_size`).
     pub fn map_cluster(&self, index: u64) -> Result<ClusterMapping> {
+        self.map_cluster_with(index, false)
+            .and_then(|m| m.ok_or(Qcow2Error::corrupt("L2 table", 0, "not cached")))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` if that needs no metadata I/O and no data I/O
+    /// that could block (see [`Storage::read_at_nowait`]): `Ok(false)` otherwise, and
+    /// then `buf` holds garbage. Data clusters whose L2 table is cached, zero clusters,
+    /// and unallocated clusters without a backing image qualify.
+    pub fn try_read_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_cluster = pos & (cs - 1);
+            let len = ((cs - in_cluster) as usize).min(buf.len() - done);
+            let chunk = &mut buf[done..done + len];
+            match self.map_cluster_with(pos >> self.cluster_bits, true)? {
+                Some(ClusterMapping::Data { host }) => {
+                    let at = host + in_cluster;
+                    let ok = self
+                        .storage
+                        .read_at_nowait(chunk, at)
+                        .map_err(Qcow2Error::io("reading data", at))?;
+                    if !ok {
+                        return Ok(false);
+                    }
+                }
+                Some(ClusterMapping::Zero { .. }) => chunk.fill(0),
+                Some(ClusterMapping::Unallocated) if self.backing.is_none() => chunk.fill(0),
+                _ => return Ok(false),
+            }
+            done += len;
+        }
+        Ok(true)
+    }
+
+    /// [`map_cluster`](Self::map_cluster); with `cached_only`, `None` instead of reading
+    /// an L2 table that is not in the cache.
+    fn map_cluster_with(&self, index: u64, cached_only: bool) -> Result<Option<ClusterMapping>> {
         let cb = self.cluster_bits;
         let l2_bits = cb - 3;
         let l1_index = index >> l2_bits;
@@ -462,17 +502,24 @@ impl Qcow2Image {
             let st = self.state();
             match st.l1.get(l1_index as usize) {
                 Some(&e) => (e, st.header.l1_table_offset + l1_index * 8),
-                None => return Ok(ClusterMapping::Unallocated),
+                None => return Ok(Some(ClusterMapping::Unallocated)),
             }
         };
         let Some(l2_offset) = l2::l1_entry_l2_offset(l1_entry, cb, l1_offset)? else {
-            return Ok(ClusterMapping::Unallocated);
+            return Ok(Some(ClusterMapping::Unallocated));
         };
         if l2_offset < self.cluster_size() {
             return Err(Qcow2Error::corrupt("L1 entry", l1_offset, "L2 table overlaps the header"));
         }
         self.check_in_file("L1 entry", l1_offset, l2_offset, self.cluster_size())?;
-        let table = self.l2_table(l2_offset)?;
+        let table = if cached_only {
+            match lock(&self.l2_cache).get(l2_offset) {
+                Some(t) => t,
+                None => return Ok(None),
+            }
+        } else {
+            self.l2_table(l2_offset)?
+        };
         let entry_offset = l2_offset + l2_index * 8;
         let mapping = l2::decode_l2_entry(table[l2_index as usize], cb, entry_offset)?;
         match mapping {
@@ -498,7 +545,7 @@ impl Qcow2Image {
             }
             ClusterMapping::Zero { .. } | ClusterMapping::Unallocated => {}
         }
-        Ok(mapping)
+        Ok(Some(mapping))
     }
 
     /// Whether the L1 entry covering guest cluster `index` maps no L2 table.

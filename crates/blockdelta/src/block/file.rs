@@ -64,6 +64,10 @@ impl BlockDriver for FileDriver {
         self.storage.read_at(buf, offset)
     }
 
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.storage.read_at_nowait(buf, offset)
+    }
+
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.storage.write_at(buf, offset)?;
         if fua { self.storage.flush() } else { Ok(()) }

@@ -102,6 +102,13 @@ pub trait BlockDriver: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Reads like [`read`](Self::read) only if nothing on the way can block on a device
+    /// (metadata and data cached); `Ok(false)` otherwise. The default never tries.
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
     /// Writes `buf` at `offset`; with `fua`, durably.
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
 
@@ -340,6 +347,15 @@ impl Node {
             self.bitmaps.store_persistent().map_err(|e| io::Error::other(e.to_string()))?;
         }
         self.flush_blocking()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` if that cannot block (everything it needs is
+    /// cached): async callers then skip the hand-off to a blocking thread. `Ok(false)`
+    /// when it would block, or while a resize holds the node.
+    pub fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let Ok(_gate) = self.io_gate.try_read() else { return Ok(false) };
+        self.check_range(offset, buf.len() as u64)?;
+        self.driver.try_read_nowait(buf, offset)
     }
 
     /// Reads `buf.len()` bytes at `offset` (blocking).

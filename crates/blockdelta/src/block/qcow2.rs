@@ -294,6 +294,10 @@ impl BlockDriver for Qcow2Driver {
         self.image.read_at(buf, offset).map_err(to_io)
     }
 
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.image.try_read_cached(buf, offset).map_err(to_io)
+    }
+
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.image.write_at(buf, offset).map_err(to_io)?;
         if fua { self.flush() } else { Ok(()) }

@@ -83,6 +83,10 @@ impl BlockDriver for RawDriver {
         self.child.read_blocking(buf, self.offset + offset)
     }
 
+    fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.child.try_read_nowait(buf, self.offset + offset)
+    }
+
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.child.write_blocking(buf, self.offset + offset, fua)
     }

@@ -130,6 +130,11 @@ impl Export for NodeExport {
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> BoxFuture<'a, ExportResult<()>> {
         Box::pin(async move {
+            // Cached data is read right here: handing a page-cache copy to a blocking
+            // thread costs more than the copy.
+            if self.node.try_read_nowait(buf, offset).map_err(export_error)? {
+                return Ok(());
+            }
             let data = self.node.read(offset, buf.len()).await.map_err(export_error)?;
             buf.copy_from_slice(&data);
             Ok(())

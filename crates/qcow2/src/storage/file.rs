@@ -431,6 +431,24 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.direct.is_some() || buf.is_empty() {
+            return Ok(buf.is_empty());
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let slice = &mut [io::IoSliceMut::new(&mut buf[done..])];
+            let at = offset + done as u64;
+            match rustix::io::preadv2(&self.file, slice, at, rustix::io::ReadWriteFlags::NOWAIT) {
+                Ok(0) => return Ok(false), // end of file: the blocking read zero-fills
+                Ok(n) => done += n,
+                // EAGAIN: not cached; anything else: let the blocking read report it.
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());

@@ -22,6 +22,15 @@ pub trait Storage: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Reads `buf.len()` bytes at `offset` only if that cannot block on the device (the
+    /// bytes are in the page cache); `Ok(false)` when it would block, or when the
+    /// storage cannot tell, and then `buf` holds garbage. Lets async callers serve
+    /// cached reads without handing them to another thread.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+
     /// Writes all of `buf` at `offset`, growing the storage if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
@@ -56,6 +65,10 @@ macro_rules! forward_storage {
         impl<S: Storage + ?Sized> Storage for $ty {
             fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
                 (**self).read_at(buf, offset)
+            }
+
+            fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+                (**self).read_at_nowait(buf, offset)
             }
 
             fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
