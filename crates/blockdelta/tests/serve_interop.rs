@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hbitmap::HBitmap;
 use nbd::client::{Client, ClientError, ClientOptions};
 use testkit::qsd::{DaemonBuilder, StorageDaemon};
 use testkit::serde_json::{Value, json};
@@ -150,12 +151,20 @@ fn nbd_clients_see_the_same_export_from_both_daemons() {
         .collect();
     assert_eq!(lists[0], lists[1]);
 
-    // Writes, pattern reads, write-zeroes (with and without unmap) and discard.
+    // Writes, pattern reads, write-zeroes (with and without unmap) and discard. The
+    // model is what b0 must hold: its bits from before (the 64 KiB written at 8 MiB)
+    // plus every range written or zeroed; discards are ignored (`discard=ignore`), so
+    // they record nothing.
+    let mut model = HBitmap::new(SIZE, 16).unwrap();
+    model.set(8 * MIB, 64 * 1024).unwrap();
     let mut rng = SplitMix64(0x5e7e);
     let mut commands = Vec::new();
     for i in 0..40u64 {
         let off = rng.next() % (SIZE / 512 - 256) * 512;
         let len = (1 + rng.next() % 256) * 512;
+        if i % 5 != 4 {
+            model.set(off, len).unwrap();
+        }
         commands.push(match i % 5 {
             0 | 1 => format!("write -P {} {off} {len}", i % 251),
             2 => format!("write -z {off} {len}"),
@@ -165,6 +174,7 @@ fn nbd_clients_see_the_same_export_from_both_daemons() {
     }
     commands.push("write -P 90 63M 64k".into());
     commands.push("read -P 90 63M 64k".into());
+    model.set(63 * MIB, 64 * 1024).unwrap();
     for s in &served {
         let out = qemu_io_nbd(&s.uri("disk0"), &commands);
         assert!(!out.contains("error") && !out.contains("failed"), "{:?}: {out}", s.kind);
@@ -194,8 +204,9 @@ fn nbd_clients_see_the_same_export_from_both_daemons() {
         assert!(m[0].lines().count() > 3, "{context}: {}", m[0]);
     }
 
-    // The bitmap saw every write the same way.
+    // The bitmap saw every write, as the model says, and as QEMU's did.
     let shas: Vec<String> = served.iter_mut().map(|s| s.sha("disk0", "b0")).collect();
+    assert_eq!(shas[1], model.sha256_hex(), "blockdelta's b0 against the written ranges");
     assert_eq!(shas[0], shas[1]);
 
     // The exported bitmap is busy, in both.
@@ -238,7 +249,9 @@ fn nbd_clients_see_the_same_export_from_both_daemons() {
         ])
         .unwrap();
     }
+    model.set(0, 4 * MIB).unwrap();
     let shas: Vec<String> = served.iter_mut().map(|s| s.sha("disk0", "b0")).collect();
+    assert_eq!(shas[1], model.sha256_hex());
     assert_eq!(shas[0], shas[1]);
 
     // Shut both down; the images are equal, clean, with the same bitmaps.
@@ -455,4 +468,39 @@ fn sigterm_stores_bitmaps_and_sigkill_leaves_them_inconsistent() {
         assert!(info.contains("\"b1\""), "{kind:?}: {info}");
         qemu_img(["check", copy.to_str().unwrap()]).unwrap();
     }
+}
+
+/// An inet NBD server binds the address it is given and nothing else, and serves
+/// clients there.
+#[test]
+fn inet_server_binds_only_the_given_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let b = blockdelta();
+    let image = b.path("d.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]).unwrap();
+    let _daemon = b
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=disk0,file=file0")
+        .arg("--nbd-server")
+        .arg(format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port},max-connections=1"))
+        .arg("--export")
+        .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
+        .start()
+        .unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    let info: Value = serde_json::from_str(&nbdinfo(&["--json", &uri])).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], json!(16 * MIB));
+    // max-connections=1: no multi-connection support advertised (QEMU's rule).
+    assert_eq!(info["exports"][0]["can_multi_conn"], json!(false));
+    // The listening socket in /proc/net/tcp: 127.0.0.1 (0100007F), never 0.0.0.0.
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let listening: Vec<&str> = tcp
+        .lines()
+        .filter(|l| l.split_whitespace().nth(3) == Some("0A"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|a| a.ends_with(&format!(":{port:04X}")))
+        .collect();
+    assert_eq!(listening, vec![format!("0100007F:{port:04X}")]);
 }
