@@ -213,3 +213,19 @@ fn check_refuses_like_qemu_img() {
         assert_eq!(ours, qemu, "check {args:?} on a busy image");
     }
 }
+
+/// `-p` shows progress on stderr, ending at 100%, and changes nothing else.
+#[test]
+fn progress_goes_to_stderr_and_leaves_the_report_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("p.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&image), "2G"]).unwrap();
+    qemu_io(["-f", "qcow2", "-c", "write 0 1M", "-c", "write 1G 1M", s(&image)]).unwrap();
+    let plain = run_in(&blockdelta(), &["check", s(&image)], dir.path());
+    let with = run_in(&blockdelta(), &["check", "-p", s(&image)], dir.path());
+    assert_eq!(plain.stdout, with.stdout);
+    assert_eq!(plain.code, with.code);
+    assert!(plain.stderr.is_empty(), "{}", plain.stderr);
+    assert!(with.stderr.contains("    (0.00/100%)\r"), "{:?}", with.stderr);
+    assert!(with.stderr.contains("(100.00/100%)"), "{:?}", with.stderr);
+}

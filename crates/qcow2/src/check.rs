@@ -150,6 +150,8 @@ struct Checker<'a> {
     /// Set when a refcount block was found unaligned: QEMU then marks the image
     /// corrupt and reads no more refcounts.
     fatal: bool,
+    /// Told the fraction done (0.0 to 1.0) as the walk advances.
+    progress: &'a mut dyn FnMut(f64),
 }
 
 impl Checker<'_> {
@@ -208,7 +210,11 @@ impl Checker<'_> {
     /// allocation statistics.
     fn walk_l1(&mut self, l1: &[u64], active: bool) {
         let cb = self.h.cluster_bits;
-        for &e in l1 {
+        for (i, &e) in l1.iter().enumerate() {
+            // The active L2 tables are most of the reading: they are 90% of the work.
+            if active && i % 64 == 0 {
+                (self.progress)(0.9 * i as f64 / l1.len() as f64);
+            }
             // Contiguity is judged within one L2 table.
             let mut prev: Option<u64> = None;
             if e & L1_RESERVED != 0 {
@@ -416,7 +422,17 @@ impl Checker<'_> {
 /// fields that QEMU would refuse to open, or a file of more than
 /// [`MAX_CHECK_CLUSTERS`] clusters.
 pub fn check(storage: &dyn Storage) -> Result<CheckResult> {
-    Ok(run(storage)?.res)
+    Ok(run(storage, &mut |_| {})?.res)
+}
+
+/// [`check`], telling `progress` the fraction done (0.0 to 1.0) as it goes.
+pub fn check_with_progress(
+    storage: &dyn Storage,
+    progress: &mut dyn FnMut(f64),
+) -> Result<CheckResult> {
+    let res = run(storage, progress)?.res;
+    progress(1.0);
+    Ok(res)
 }
 
 /// [`check`] on the image file at `path` (opened read-only); `filename` is set.
@@ -427,7 +443,7 @@ pub fn check_file(path: &Path) -> Result<CheckResult> {
     Ok(res)
 }
 
-fn run(storage: &dyn Storage) -> Result<Checker<'_>> {
+fn run<'a>(storage: &'a dyn Storage, progress: &'a mut dyn FnMut(f64)) -> Result<Checker<'a>> {
     let file_len = storage.len().map_err(Qcow2Error::io("getting the file length", 0))?;
     let h = read_header(storage, file_len)?;
     // Layouts whose references this check cannot count.
@@ -496,6 +512,7 @@ fn run(storage: &dyn Storage) -> Result<Checker<'_>> {
         res: CheckResult { format: "qcow2", ..CheckResult::default() },
         block: None,
         fatal: false,
+        progress,
         h,
     };
     c.res.total_clusters = c.h.size.div_ceil(cs);
@@ -675,7 +692,8 @@ fn run(storage: &dyn Storage) -> Result<Checker<'_>> {
 /// low (corruptions) are left alone. The result is that of the check after the repair,
 /// with [`CheckResult::leaks_fixed`] set.
 pub fn repair_leaks(storage: &dyn Storage) -> Result<CheckResult> {
-    let c = run(storage)?;
+    let mut no_progress = |_| {};
+    let c = run(storage, &mut no_progress)?;
     let mut fixed = 0;
     if c.res.leaks > 0 {
         let cs = c.cs;

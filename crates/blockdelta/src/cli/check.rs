@@ -52,6 +52,10 @@ pub struct CheckArgs {
     /// The image format (`qcow2` or `raw`), probed when not given.
     #[arg(short = 'f', long)]
     format: Option<String>,
+    /// Show progress on stderr while checking (the metadata of a large image takes a
+    /// while to read). qemu-img check has no such option.
+    #[arg(short = 'p', long)]
+    progress: bool,
 }
 
 /// The first line of a COPIED-flag problem: the check meets those after the refcounts.
@@ -69,7 +73,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
         .into());
     }
-    let first = check(&storage, path)?;
+    let first = check(&storage, path, args.progress)?;
     let (refcount_lines, copied_lines): (Vec<_>, Vec<_>) =
         first.problems.iter().partition(|p| !p.message.starts_with(COPIED_PREFIX));
     for p in &refcount_lines {
@@ -147,9 +151,24 @@ fn refuse_all(first: &CheckResult) -> Failure {
     ))
 }
 
-fn check(storage: &dyn Storage, path: &str) -> Result<CheckResult, Failure> {
-    let mut result = qcow2::check::check(storage)
-        .map_err(|e| Failure::new(format!("Could not open '{path}': {e}")))?;
+fn check(storage: &dyn Storage, path: &str, progress: bool) -> Result<CheckResult, Failure> {
+    let mut result = if progress {
+        // qemu-img's progress format, on stderr so that the report stays parseable.
+        let mut last = -1.0;
+        let mut show = |done: f64| {
+            let percent = (done * 100.0).clamp(0.0, 100.0);
+            if percent - last >= 1.0 || percent >= 100.0 {
+                eprint!("    ({percent:.2}/100%)\r");
+                last = percent;
+            }
+        };
+        let r = qcow2::check::check_with_progress(storage, &mut show);
+        eprintln!();
+        r
+    } else {
+        qcow2::check::check(storage)
+    }
+    .map_err(|e| Failure::new(format!("Could not open '{path}': {e}")))?;
     result.filename = path.to_string();
     Ok(result)
 }
