@@ -767,3 +767,20 @@ fn direct_io_refused_by_the_file_system_is_a_clear_error() {
     let message = e.to_string();
     assert!(message.contains("/proc/self/status") && message.contains("O_DIRECT"), "{message}");
 }
+
+/// Closing a storage releases its image locks even while another descriptor of the same
+/// open file description lives on (as in a child process between fork and exec): a
+/// reopen right after the close must not conflict with the old locks.
+#[test]
+fn locks_go_with_the_storage_even_if_its_description_lives_on() {
+    let dir = tempdir();
+    let path = dir.path().join("locked.img");
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let storage = FileOptions::new().write(true).open(&path).unwrap();
+    // A duplicate descriptor shares the open file description, and so its OFD locks.
+    let dup = storage.as_fd().try_clone_to_owned().unwrap();
+    drop(storage);
+    let again = FileOptions::new().write(true).open(&path);
+    assert!(again.is_ok(), "the closed storage's locks are still held: {:?}", again.err());
+    drop(dup);
+}

@@ -403,6 +403,19 @@ impl AsFd for FileStorage {
     }
 }
 
+impl Drop for FileStorage {
+    /// Releases the image locks before the descriptor closes. An OFD lock belongs to
+    /// the open file description, which a child process forked by another thread may
+    /// still share for a moment (until its exec closes the descriptor): without this
+    /// the locks could outlive the close, and an immediate reopen would see a conflict.
+    fn drop(&mut self) {
+        let locks = *self.locks.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if locks.is_some() {
+            let _ = lock::change(&self.file, &self.path, locks, None);
+        }
+    }
+}
+
 impl FileStorage {
     /// Whether `offset` lies in data or in a hole of the file, and how many bytes from
     /// `offset` (at least 1, at most to the end of the file) share that state, from
