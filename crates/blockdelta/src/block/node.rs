@@ -157,6 +157,16 @@ impl From<ResizeError> for io::Error {
     }
 }
 
+/// A step in a node's write path that runs before every write, write-zeroes and
+/// passed-down discard reaches the driver: a backup's copy-before-write, which copies
+/// the old contents of the range to the backup target first. An error fails the request
+/// before anything changed (QEMU's default `on-cbw-error=break-guest-write`).
+pub trait BeforeWrite: Send + Sync {
+    /// Runs before `len` bytes at `offset` change. Called inside the request: to read
+    /// the node, use [`Node::read_in_request`].
+    fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
+}
+
 /// `detect-zeroes`: whether writes of all-zero buffers become write-zeroes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DetectZeroes {
@@ -197,6 +207,8 @@ pub struct Node {
     /// Requests hold it shared; a resize holds it exclusively, so that no request
     /// checked against the old length runs while the length changes.
     io_gate: RwLock<()>,
+    /// The copy-before-write step, while a backup runs.
+    before_write: RwLock<Option<Arc<dyn BeforeWrite>>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -236,6 +248,7 @@ impl Node {
             children,
             closed: std::sync::atomic::AtomicBool::new(false),
             io_gate: RwLock::new(()),
+            before_write: RwLock::new(None),
         }
     }
 
@@ -358,6 +371,46 @@ impl Node {
         self.driver.try_read_nowait(buf, offset)
     }
 
+    /// Runs `f` with the node drained: requests in flight have finished and new ones
+    /// wait until `f` returns. What happens in `f` (freezing a bitmap, installing a
+    /// copy-before-write step) is then one point in time for every write.
+    pub fn drained<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _gate = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
+        f()
+    }
+
+    /// Installs (or, with `None`, removes) the copy-before-write step. Requests already
+    /// past their step are not affected: use [`drained`](Self::drained) for a clean
+    /// point in time.
+    pub fn set_before_write(&self, step: Option<Arc<dyn BeforeWrite>>) {
+        *self.before_write.write().unwrap_or_else(PoisonError::into_inner) = step;
+    }
+
+    /// Runs the copy-before-write step, if any, for a change of `len` bytes at `offset`.
+    fn run_before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let step = self.before_write.read().unwrap_or_else(PoisonError::into_inner).clone();
+        match step {
+            Some(step) => step.before_write(self, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads from inside a request (a [`BeforeWrite`] step), which already holds the
+    /// I/O gate: taking it again could deadlock against a waiting resize.
+    pub fn read_in_request(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.driver.read(buf, offset)
+    }
+
+    /// Block status from inside a request (see [`read_in_request`](Self::read_in_request)).
+    pub fn block_status_in_request(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        if len == 0 {
+            return Err(invalid("block status of an empty range".into()));
+        }
+        self.check_range(offset, len)?;
+        self.driver.block_status(offset, len)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (blocking).
     pub fn read_blocking(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let _gate = self.io_shared();
@@ -370,6 +423,7 @@ impl Node {
     pub fn write_blocking(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let _gate = self.io_shared();
         self.check_writable(offset, buf.len() as u64)?;
+        self.run_before_write(offset, buf.len() as u64)?;
         let zeroes = self.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
         let result = if zeroes {
             let may_unmap = self.options.detect_zeroes == DetectZeroes::Unmap;
@@ -385,6 +439,7 @@ impl Node {
     pub fn write_zeroes_blocking(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         let _gate = self.io_shared();
         self.check_writable(offset, len)?;
+        self.run_before_write(offset, len)?;
         let flags = ZeroFlags { may_unmap: flags.may_unmap && self.options.discard_unmap, ..flags };
         let result = self.driver.write_zeroes(offset, len, flags);
         self.bitmaps.set_dirty(offset, len);
@@ -399,6 +454,7 @@ impl Node {
         if !self.options.discard_unmap {
             return Ok(());
         }
+        self.run_before_write(offset, len)?;
         let result = self.driver.discard(offset, len);
         self.bitmaps.set_dirty(offset, len);
         result

@@ -1,0 +1,3 @@
+//! Jobs: the backup job and its block-copy engine.
+
+pub mod block_copy;
