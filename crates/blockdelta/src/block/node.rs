@@ -145,6 +145,9 @@ pub enum ResizeError {
     /// has one, e.g. `Cannot resize fixed-size raw disks`).
     #[error(transparent)]
     Driver(io::Error),
+    /// A job (a backup) uses the node at a fixed length.
+    #[error("Node '{0}' is used by a block job and cannot be resized")]
+    InUseByJob(String),
 }
 
 impl From<ResizeError> for io::Error {
@@ -209,6 +212,8 @@ pub struct Node {
     io_gate: RwLock<()>,
     /// The copy-before-write step, while a backup runs.
     before_write: RwLock<Option<Arc<dyn BeforeWrite>>>,
+    /// Jobs that need the length fixed (QEMU: the backup filter does not share RESIZE).
+    resize_blockers: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Node {
@@ -249,6 +254,7 @@ impl Node {
             closed: std::sync::atomic::AtomicBool::new(false),
             io_gate: RwLock::new(()),
             before_write: RwLock::new(None),
+            resize_blockers: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -371,6 +377,21 @@ impl Node {
         self.driver.try_read_nowait(buf, offset)
     }
 
+    /// Keeps resizes out (`true`) or lets them in again (`false`); calls nest.
+    pub fn block_resize(&self, block: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if block {
+            self.resize_blockers.fetch_add(1, SeqCst);
+        } else {
+            let _ = self.resize_blockers.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The cluster size of the driver, if it has one.
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.driver.cluster_size()
+    }
+
     /// Runs `f` with the node drained: requests in flight have finished and new ones
     /// wait until `f` returns. What happens in `f` (freezing a bitmap, installing a
     /// copy-before-write step) is then one point in time for every write.
@@ -482,6 +503,9 @@ impl Node {
             return Err(ResizeError::ReadOnly);
         }
         let _gate = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
+        if self.resize_blockers.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Err(ResizeError::InUseByJob(self.name.clone()));
+        }
         self.driver.check_resize(new_len).map_err(ResizeError::Driver)?;
         self.bitmaps
             .resize_with(new_len, || self.driver.resize(new_len).map_err(ResizeError::Driver))

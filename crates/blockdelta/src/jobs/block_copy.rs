@@ -22,6 +22,45 @@ use crate::block::node::{BeforeWrite, Node, ZeroFlags};
 /// Largest run of clusters one background copy takes at once.
 pub const MAX_CHUNK: u64 = 1 << 20;
 
+/// Which side of a copy failed (QEMU's `BLOCK_JOB_ERROR` `operation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyOperation {
+    /// Reading the source.
+    Read,
+    /// Writing the target.
+    Write,
+}
+
+impl CopyOperation {
+    /// QEMU's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyOperation::Read => "read",
+            CopyOperation::Write => "write",
+        }
+    }
+}
+
+/// A failed copy: the side and the I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", crate::block::graph::strerror(.source))]
+pub struct CopyError {
+    /// Which side failed.
+    pub operation: CopyOperation,
+    /// The error.
+    pub source: io::Error,
+}
+
+impl From<CopyError> for io::Error {
+    fn from(e: CopyError) -> io::Error {
+        e.source
+    }
+}
+
+fn on(operation: CopyOperation) -> impl Fn(io::Error) -> CopyError {
+    move |source| CopyError { operation, source }
+}
+
 /// What the copy bitmap starts with.
 #[derive(Debug)]
 pub enum InitialCopy<'a> {
@@ -113,6 +152,11 @@ impl BlockCopy {
         (st.to_copy.count() + in_flight).min(self.len)
     }
 
+    /// The clusters still to copy (for `bitmap-mode=always` when the job fails).
+    pub fn uncopied(&self) -> HBitmap {
+        lock(&self.state).to_copy.clone()
+    }
+
     /// Bytes done so far.
     pub fn done(&self) -> u64 {
         lock(&self.state).done
@@ -136,7 +180,7 @@ impl BlockCopy {
 
     /// Copies a claimed range (blocking). On failure the clusters go back to the copy
     /// bitmap, to be copied again later.
-    pub fn copy_claimed(&self, range: Range<u64>, inside_request: bool) -> io::Result<()> {
+    pub fn copy_claimed(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
         let result = self.copy_range(range.clone(), inside_request);
         let mut st = lock(&self.state);
         for c in range.start / self.cluster_size..range.end.div_ceil(self.cluster_size) {
@@ -156,33 +200,38 @@ impl BlockCopy {
     /// Reads `range` from the source and writes it to the target: areas that read as
     /// zeroes are written as zeroes (no allocation on the target); with sync=top,
     /// areas not allocated in the source's top layer are skipped.
-    fn copy_range(&self, range: Range<u64>, inside_request: bool) -> io::Result<()> {
+    fn copy_range(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
+        let (read, write) = (on(CopyOperation::Read), on(CopyOperation::Write));
         let mut pos = range.start;
         let mut buf = Vec::new();
         while pos < range.end {
             let status = if inside_request {
-                self.source.block_status_in_request(pos, range.end - pos)?
+                self.source.block_status_in_request(pos, range.end - pos)
             } else {
-                self.source.block_status_blocking(pos, range.end - pos)?
-            };
+                self.source.block_status_blocking(pos, range.end - pos)
+            }
+            .map_err(&read)?;
             let n = status.len.clamp(1, range.end - pos);
             if self.skip_unallocated && !status.allocated {
                 pos += n;
                 continue;
             }
             if status.zero && !status.data {
-                self.target.write_zeroes_blocking(pos, n, ZeroFlags::default())?;
+                self.target.write_zeroes_blocking(pos, n, ZeroFlags::default()).map_err(&write)?;
             } else {
                 buf.resize(n as usize, 0);
                 if inside_request {
-                    self.source.read_in_request(&mut buf, pos)?;
+                    self.source.read_in_request(&mut buf, pos)
                 } else {
-                    self.source.read_blocking(&mut buf, pos)?;
+                    self.source.read_blocking(&mut buf, pos)
                 }
+                .map_err(&read)?;
                 if buf.iter().all(|&b| b == 0) {
-                    self.target.write_zeroes_blocking(pos, n, ZeroFlags::default())?;
+                    self.target
+                        .write_zeroes_blocking(pos, n, ZeroFlags::default())
+                        .map_err(&write)?;
                 } else {
-                    self.target.write_blocking(&buf, pos, false)?;
+                    self.target.write_blocking(&buf, pos, false).map_err(&write)?;
                 }
             }
             pos += n;
@@ -231,7 +280,7 @@ impl BlockCopy {
                 if let Err(e) = self.copy_claimed(r, true)
                     && result.is_ok()
                 {
-                    result = Err(e);
+                    result = Err(e.into());
                 }
             }
             return result;

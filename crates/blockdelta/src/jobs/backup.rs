@@ -1,0 +1,494 @@
+//! The backup job's own part: `blockdev-backup` arguments with QEMU's checks in QEMU's
+//! order, the set-up at job creation (the sync bitmap frozen and the copy-before-write
+//! step installed at one drained point in time), the background copy, and the settlement
+//! of the sync bitmap at commit or abort (spec sections 3.4 and 5).
+//!
+//! The generic job machinery (states, verbs, events, pause, rate limit, error policy)
+//! drives this through [`CopyControl`].
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::Value;
+
+use crate::block::dirty_bitmap::{BitmapError, BitmapId, BitmapSyncMode, Checks, JobOutcome};
+use crate::block::graph::BlockGraph;
+use crate::block::node::Node;
+use crate::block::options::{OptionsError, OptionsReader, Syntax};
+
+use super::block_copy::{BlockCopy, CopyBeforeWrite, CopyError, InitialCopy};
+
+/// The smallest job cluster (QEMU's block-copy default).
+pub const MIN_CLUSTER: u64 = 64 * 1024;
+/// Background copies in flight at once.
+pub const WORKERS: usize = 8;
+
+/// `sync` of a backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Everything.
+    Full,
+    /// What the top layer holds.
+    Top,
+    /// Nothing in the background; copy-before-write only (fleecing).
+    None,
+    /// The clusters of a bitmap (`incremental` is this with `on-success`).
+    Bitmap,
+}
+
+impl SyncMode {
+    /// QMP's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::Top => "top",
+            SyncMode::None => "none",
+            SyncMode::Bitmap => "bitmap",
+        }
+    }
+}
+
+/// An error policy (`on-source-error`, `on-target-error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// End the job with the error.
+    #[default]
+    Report,
+    /// Retry.
+    Ignore,
+    /// Stop on ENOSPC, report otherwise.
+    Enospc,
+    /// Pause the job until resumed, then retry.
+    Stop,
+    /// As `enospc` for a backup.
+    Auto,
+}
+
+impl ErrorPolicy {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "report" => ErrorPolicy::Report,
+            "ignore" => ErrorPolicy::Ignore,
+            "enospc" => ErrorPolicy::Enospc,
+            "stop" => ErrorPolicy::Stop,
+            "auto" => ErrorPolicy::Auto,
+            _ => return None,
+        })
+    }
+}
+
+/// The arguments of `blockdev-backup` (QEMU's `BlockdevBackup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupOptions {
+    /// `job-id` (QEMU derives a default from a device name; nodes have none).
+    pub job_id: Option<String>,
+    /// The source node.
+    pub device: String,
+    /// The target node.
+    pub target: String,
+    /// `sync` as given (`incremental` included).
+    pub sync: String,
+    /// Bytes per second for the background copy; 0 = unlimited.
+    pub speed: u64,
+    /// The sync bitmap's name.
+    pub bitmap: Option<String>,
+    /// `bitmap-mode`.
+    pub bitmap_mode: Option<BitmapSyncMode>,
+    /// `compress`.
+    pub compress: bool,
+    /// `on-source-error`.
+    pub on_source_error: ErrorPolicy,
+    /// `on-target-error`.
+    pub on_target_error: ErrorPolicy,
+    /// `auto-finalize` (default true).
+    pub auto_finalize: bool,
+    /// `auto-dismiss` (default true).
+    pub auto_dismiss: bool,
+    /// `filter-node-name`, accepted for compatibility (blockdelta has no filter node).
+    pub filter_node_name: Option<String>,
+    /// `x-perf.max-workers`.
+    pub max_workers: Option<u64>,
+}
+
+impl BackupOptions {
+    /// Reads the arguments (QMP JSON) with QEMU's texts for missing, unexpected and
+    /// mistyped members.
+    pub fn from_value(value: Value) -> Result<Self, OptionsError> {
+        let mut r = OptionsReader::new(value, "", Syntax::Json)?;
+        let job_id = r.take_str("job-id")?;
+        let device = r.require_str("device")?;
+        let target = r.require_str("target")?;
+        let sync = r
+            .take_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
+            .ok_or_else(|| OptionsError::Missing("sync".into()))?;
+        let speed = r.take_u64("speed")?.unwrap_or(0);
+        let bitmap = r.take_str("bitmap")?;
+        let bitmap_mode =
+            r.take_enum("bitmap-mode", &["on-success", "never", "always"])?.map(|m| {
+                match m.as_str() {
+                    "on-success" => BitmapSyncMode::OnSuccess,
+                    "never" => BitmapSyncMode::Never,
+                    _ => BitmapSyncMode::Always,
+                }
+            });
+        let compress = r.take_bool("compress")?.unwrap_or(false);
+        let policies = ["report", "ignore", "enospc", "stop", "auto"];
+        let on_source_error = r
+            .take_enum("on-source-error", &policies)?
+            .and_then(|p| ErrorPolicy::parse(&p))
+            .unwrap_or_default();
+        let on_target_error = r
+            .take_enum("on-target-error", &policies)?
+            .and_then(|p| ErrorPolicy::parse(&p))
+            .unwrap_or_default();
+        let auto_finalize = r.take_bool("auto-finalize")?.unwrap_or(true);
+        let auto_dismiss = r.take_bool("auto-dismiss")?.unwrap_or(true);
+        let filter_node_name = r.take_str("filter-node-name")?;
+        r.take_bool("discard-source")?;
+        let mut max_workers = None;
+        if let Some(perf) = r.take_value("x-perf") {
+            let mut p = OptionsReader::new(perf, "x-perf", Syntax::Json)?;
+            p.take_bool("use-copy-range")?;
+            max_workers = p.take_u64("max-workers")?;
+            p.take_u64("max-chunk")?;
+            p.take_u64("min-cluster-size")?;
+            p.finish()?;
+        }
+        r.finish()?;
+        Ok(BackupOptions {
+            job_id,
+            device,
+            target,
+            sync,
+            speed,
+            bitmap,
+            bitmap_mode,
+            compress,
+            on_source_error,
+            on_target_error,
+            auto_finalize,
+            auto_dismiss,
+            filter_node_name,
+            max_workers,
+        })
+    }
+}
+
+/// Why a backup could not be created. `Display` is QEMU's text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackupError {
+    /// No node of that name.
+    #[error("Cannot find device='{0}' nor node-name='{0}'")]
+    NodeNotFound(String),
+    /// sync=bitmap or incremental without a bitmap.
+    #[error("must provide a valid bitmap name for '{0}' sync mode")]
+    NoBitmapName(String),
+    /// sync=incremental with a mode other than on-success.
+    #[error("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")]
+    IncrementalMode,
+    /// The bitmap is not on the source node.
+    #[error("Bitmap '{0}' could not be found")]
+    BitmapNotFound(String),
+    /// A bitmap without a mode.
+    #[error("Bitmap sync mode must be given when providing a bitmap")]
+    NoBitmapMode,
+    /// sync=none with a bitmap.
+    #[error("sync mode 'none' does not produce meaningful bitmap outputs")]
+    NoneWithBitmap,
+    /// mode=never with a sync other than bitmap.
+    #[error("Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{0}'")]
+    NeverWithSync(String),
+    /// A mode without a bitmap.
+    #[error("Cannot specify bitmap sync mode without a bitmap")]
+    ModeWithoutBitmap,
+    /// The job id is not an identifier.
+    #[error("Invalid job ID '{0}'")]
+    InvalidJobId(String),
+    /// Source and target are one node.
+    #[error("Source and target cannot be the same")]
+    SameNode,
+    /// `compress` on a target that cannot take compressed writes.
+    #[error("Compression is not supported for this drive {0}")]
+    Compression(String),
+    /// `x-perf.max-workers` out of range.
+    #[error("max-workers must be between 1 and 2147483647")]
+    MaxWorkers,
+    /// The target is read-only.
+    #[error("Block node is read-only")]
+    ReadOnlyTarget,
+    /// Lengths differ.
+    #[error("Source and target image have different sizes")]
+    SizeMismatch,
+    /// A bitmap check or the freeze failed.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// Setting up the copy failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What the job machinery offers the background copy.
+pub trait CopyControl: Send + Sync {
+    /// Where the copy may pause, and notices cancellation: `false` means stop now.
+    fn checkpoint(&self) -> impl std::future::Future<Output = bool> + Send;
+    /// Waits as the rate limit requires before copying `bytes`.
+    fn throttle(&self, bytes: u64) -> impl std::future::Future<Output = ()> + Send;
+    /// Reports progress: bytes done and bytes still to do.
+    fn progress(&self, done: u64, remaining: u64);
+    /// A copy failed: decide by the error policy (and emit `BLOCK_JOB_ERROR`). `true`:
+    /// retry (after any pause the policy asked for); `false`: end the job with it.
+    fn copy_failed(&self, error: &CopyError) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// How the background copy ended.
+#[derive(Debug)]
+pub enum CopyOutcome {
+    /// Everything is copied (or, for sync=none, the job was told to end).
+    Done,
+    /// Cancelled.
+    Cancelled,
+    /// A copy failed and the policy said to end the job.
+    Failed(CopyError),
+}
+
+/// A created backup: the sync bitmap frozen, the copy-before-write step installed.
+#[derive(Debug)]
+pub struct Backup {
+    /// The job's id.
+    pub job_id: String,
+    /// The options it was created with.
+    pub options: BackupOptions,
+    /// The sync mode after `incremental` was rewritten.
+    pub sync: SyncMode,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    copy: Arc<BlockCopy>,
+    /// The frozen sync bitmap and its mode.
+    bitmap: Option<(BitmapId, BitmapSyncMode)>,
+    /// Whether the source's resizes are still blocked (until clean-up).
+    blocking_resize: Mutex<bool>,
+}
+
+fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl Backup {
+    /// Runs QEMU's checks in QEMU's order and sets the backup up: at one drained point
+    /// in time, the sync bitmap gets its successor and the copy-before-write step goes
+    /// into the source's write path. That instant is the backup's point in time.
+    pub fn create(graph: &BlockGraph, options: BackupOptions) -> Result<Backup, BackupError> {
+        let source = graph
+            .find(&options.device)
+            .ok_or_else(|| BackupError::NodeNotFound(options.device.clone()))?;
+        let target = graph
+            .find(&options.target)
+            .ok_or_else(|| BackupError::NodeNotFound(options.target.clone()))?;
+        let mut sync = match options.sync.as_str() {
+            "full" => SyncMode::Full,
+            "top" => SyncMode::Top,
+            "none" => SyncMode::None,
+            _ => SyncMode::Bitmap,
+        };
+        let mut mode = options.bitmap_mode;
+        // do_backup_common's checks, in order.
+        if sync == SyncMode::Bitmap && options.bitmap.is_none() {
+            return Err(BackupError::NoBitmapName(options.sync.clone()));
+        }
+        if options.sync == "incremental" {
+            if mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+                return Err(BackupError::IncrementalMode);
+            }
+            mode = Some(BitmapSyncMode::OnSuccess);
+        }
+        let mut bitmap = None;
+        if let Some(name) = &options.bitmap {
+            let id = source
+                .bitmaps()
+                .find(name)
+                .ok_or_else(|| BackupError::BitmapNotFound(name.clone()))?;
+            let m = mode.ok_or(BackupError::NoBitmapMode)?;
+            source.bitmaps().lookup(name, Checks::ALLOW_RO)?;
+            if sync == SyncMode::None {
+                return Err(BackupError::NoneWithBitmap);
+            }
+            if m == BitmapSyncMode::Never && sync != SyncMode::Bitmap {
+                return Err(BackupError::NeverWithSync(sync.as_str().into()));
+            }
+            bitmap = Some((id, m));
+        } else if mode.is_some() {
+            return Err(BackupError::ModeWithoutBitmap);
+        }
+        if options.sync == "incremental" {
+            sync = SyncMode::Bitmap;
+        }
+        // backup_job_create's checks.
+        let job_id = options.job_id.clone().unwrap_or_default();
+        if !valid_id(&job_id) {
+            return Err(BackupError::InvalidJobId(job_id));
+        }
+        if Arc::ptr_eq(&source, &target) {
+            return Err(BackupError::SameNode);
+        }
+        if options.compress {
+            return Err(BackupError::Compression(target.name().to_string()));
+        }
+        if options.max_workers.is_some_and(|w| w == 0 || w > i32::MAX as u64) {
+            return Err(BackupError::MaxWorkers);
+        }
+        if target.read_only() {
+            return Err(BackupError::ReadOnlyTarget);
+        }
+        if let Some((_, m)) = bitmap
+            && m != BitmapSyncMode::Never
+            && let Some(name) = &options.bitmap
+        {
+            source.bitmaps().lookup(name, Checks::DEFAULT)?;
+        }
+        if source.len() != target.len() {
+            return Err(BackupError::SizeMismatch);
+        }
+        let cluster_size = target.cluster_size().unwrap_or(0).max(MIN_CLUSTER);
+        // The point in time: no request in flight while the bitmap freezes and the
+        // copy-before-write step goes in.
+        let copy = source.drained(|| -> Result<Arc<BlockCopy>, BackupError> {
+            if let Some((id, _)) = bitmap {
+                source.bitmaps().create_successor(id)?;
+            }
+            let frozen = match bitmap {
+                Some((id, _)) => Some(source.bitmaps().with_bits(id, Clone::clone)?),
+                None => None,
+            };
+            let initial = match (sync, &frozen) {
+                (SyncMode::Bitmap, Some(bits)) => InitialCopy::Bitmap(bits),
+                (SyncMode::Top, _) => InitialCopy::AllocatedInTop,
+                _ => InitialCopy::All,
+            };
+            let copy = BlockCopy::new(source.clone(), target.clone(), cluster_size, initial);
+            let copy = match copy {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    if let Some((id, _)) = bitmap {
+                        let _ = source.bitmaps().reclaim(id);
+                    }
+                    return Err(BackupError::Setup(e.to_string()));
+                }
+            };
+            source.set_before_write(Some(Arc::new(CopyBeforeWrite(copy.clone()))));
+            Ok(copy)
+        })?;
+        // The job's length is fixed: no resizes of either node until clean-up.
+        source.block_resize(true);
+        target.block_resize(true);
+        Ok(Backup {
+            job_id,
+            options,
+            sync,
+            source,
+            target,
+            copy,
+            bitmap,
+            blocking_resize: Mutex::new(true),
+        })
+    }
+
+    /// The source node.
+    pub fn source(&self) -> &Arc<Node> {
+        &self.source
+    }
+
+    /// The target node.
+    pub fn target(&self) -> &Arc<Node> {
+        &self.target
+    }
+
+    /// The block-copy state.
+    pub fn block_copy(&self) -> &Arc<BlockCopy> {
+        &self.copy
+    }
+
+    /// The job's length in bytes (QEMU's `len`): what the copy bitmap holds at the start.
+    pub fn total(&self) -> u64 {
+        self.copy.remaining() + self.copy.done()
+    }
+
+    /// The background copy: workers claim runs of clusters and copy them until none
+    /// is left, honouring pauses, cancellation, the rate limit and the error policy.
+    /// sync=none copies nothing and waits for the job to be told to end.
+    pub async fn run<C: CopyControl>(&self, control: &C, workers: usize) -> CopyOutcome {
+        if self.sync == SyncMode::None {
+            // Fleecing: copy-before-write does the work until the job is cancelled.
+            loop {
+                if !control.checkpoint().await {
+                    return CopyOutcome::Cancelled;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            if !control.checkpoint().await {
+                // Copies in flight finish (they cannot be interrupted mid-write).
+                while tasks.join_next().await.is_some() {}
+                return CopyOutcome::Cancelled;
+            }
+            while tasks.len() < workers.max(1) {
+                let Some(range) = self.copy.claim_next() else { break };
+                control.throttle(range.end - range.start).await;
+                let copy = self.copy.clone();
+                tasks.spawn_blocking(move || copy.copy_claimed(range, false));
+            }
+            let Some(joined) = tasks.join_next().await else {
+                control.progress(self.copy.done(), self.copy.remaining());
+                return CopyOutcome::Done;
+            };
+            control.progress(self.copy.done(), self.copy.remaining());
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if !control.copy_failed(&e).await {
+                        while tasks.join_next().await.is_some() {}
+                        return CopyOutcome::Failed(e);
+                    }
+                }
+                Err(join) => {
+                    while tasks.join_next().await.is_some() {}
+                    let source = io::Error::other(format!("copy task failed: {join}"));
+                    let e = CopyError { operation: super::block_copy::CopyOperation::Read, source };
+                    return CopyOutcome::Failed(e);
+                }
+            }
+        }
+    }
+
+    /// Commit (the job succeeded): the sync bitmap is settled as a success.
+    pub fn commit(&self) -> Result<(), BitmapError> {
+        self.settle(JobOutcome::Success)
+    }
+
+    /// Abort (failure or cancel): the sync bitmap is settled as a failure; with
+    /// `always`, the clusters not copied go into the bitmap.
+    pub fn abort(&self) -> Result<(), BitmapError> {
+        self.settle(JobOutcome::Failure)
+    }
+
+    fn settle(&self, outcome: JobOutcome) -> Result<(), BitmapError> {
+        let Some((id, mode)) = self.bitmap else { return Ok(()) };
+        let uncopied = self.copy.uncopied();
+        self.source.bitmaps().settle_backup_bitmap(id, mode, outcome, Some(&uncopied)).map(drop)
+    }
+
+    /// Clean-up after commit or abort: the copy-before-write step leaves the source's
+    /// write path and resizes are allowed again.
+    pub fn clean(&self) {
+        self.source.drained(|| self.source.set_before_write(None));
+        let mut blocking = self.blocking_resize.lock().unwrap_or_else(PoisonError::into_inner);
+        if std::mem::take(&mut *blocking) {
+            self.source.block_resize(false);
+            self.target.block_resize(false);
+        }
+    }
+}
