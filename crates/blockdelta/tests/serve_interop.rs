@@ -504,3 +504,60 @@ fn inet_server_binds_only_the_given_address() {
         .collect();
     assert_eq!(listening, vec![format!("0100007F:{port:04X}")]);
 }
+
+/// Sockets are owner-only; a stale socket is replaced, a regular file in the way is not.
+#[test]
+fn sockets_are_owner_only_and_files_in_the_way_are_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    let images = tempfile::tempdir().unwrap();
+    let served = start(Kind::Blockdelta, images.path(), &qcow2_with_bitmaps, &[]);
+    for socket in [served.socket.clone(), served.daemon.qmp_socket()] {
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+    }
+    drop(served);
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]).unwrap();
+    // A stale socket (nobody listening) is replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let b = blockdelta()
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", stale.display()));
+    let d = b.start().unwrap();
+    assert!(d.quit().unwrap().success());
+    // A regular file is refused and left as it was.
+    let file = dir.path().join("file.sock");
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_blockdelta"))
+        .args(["serve", "--nbd-server", &format!("addr.type=unix,addr.path={}", file.display())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Failed to bind socket"), "{out:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+/// SIGINT ends `blockdelta serve` as cleanly as SIGTERM: exit status 0, bitmaps stored,
+/// the pidfile removed.
+#[test]
+fn sigint_stores_bitmaps_too() {
+    let images = tempfile::tempdir().unwrap();
+    let mut s = start(Kind::Blockdelta, images.path(), &qcow2_with_bitmaps, &[]);
+    let pidfile = s.daemon.path(testkit::qsd::PID_FILE);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(s.daemon.pid() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = s.daemon.wait_timeout(std::time::Duration::from_secs(10)).unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!pidfile.exists());
+    let info = qemu_img(["info", "--output=json", s.image.to_str().unwrap()]).unwrap();
+    assert!(!info.contains("in-use"), "{info}");
+    assert_eq!(info.matches("\"auto\"").count(), 1, "{info}");
+}
