@@ -2,8 +2,10 @@
 //! sockets ([`monitor`]) and the commands, with QEMU's argument spellings, error classes
 //! and texts.
 
+mod bitmap_commands;
 pub mod monitor;
 pub mod protocol;
+mod transaction;
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, broadcast};
 
 use self::protocol::{Command, QmpError};
-use crate::block::dirty_bitmap::{AddBitmap, BitmapInfo, BitmapRef};
+use crate::block::dirty_bitmap::BitmapInfo;
 use crate::block::graph::BlockGraph;
 use crate::block::node::Node;
 use crate::block::options::{OptionsReader, Syntax};
@@ -31,6 +33,7 @@ const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "transaction",
     "nbd-server-start",
     "nbd-server-stop",
     "block-export-add",
@@ -41,6 +44,9 @@ const COMMANDS: &[&str] = &[
 /// What the commands act on, shared by every monitor of a daemon.
 #[derive(Debug)]
 pub struct Qmp {
+    /// Held by every command, as QEMU's big lock: a transaction is atomic with respect
+    /// to commands from other monitors.
+    command_lock: tokio::sync::Mutex<()>,
     graph: Arc<BlockGraph>,
     exports: Arc<ExportManager>,
     events: broadcast::Sender<Value>,
@@ -51,7 +57,7 @@ impl Qmp {
     /// Commands over `graph` and `exports`; `quit` is notified by the `quit` command.
     pub fn new(graph: Arc<BlockGraph>, exports: Arc<ExportManager>, quit: Arc<Notify>) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Qmp { graph, exports, events, quit }
+        Qmp { command_lock: tokio::sync::Mutex::new(()), graph, exports, events, quit }
     }
 
     /// A receiver of every event emitted from now on.
@@ -71,6 +77,7 @@ impl Qmp {
 
     /// Runs a command (capabilities negotiation is the monitor's business).
     pub async fn execute(&self, cmd: Command) -> Result<Value, QmpError> {
+        let _serialized = self.command_lock.lock().await;
         let args = Value::Object(cmd.arguments);
         match cmd.name.as_str() {
             "qmp_capabilities" => {
@@ -98,13 +105,16 @@ impl Qmp {
                 finish(r)?;
                 Ok(Value::Array(self.graph.nodes().iter().map(|n| node_record(n)).collect()))
             }
-            "block-dirty-bitmap-add" => self.bitmap_add(args),
-            "block-dirty-bitmap-remove"
+            "block-dirty-bitmap-add"
+            | "block-dirty-bitmap-remove"
             | "block-dirty-bitmap-clear"
             | "block-dirty-bitmap-enable"
             | "block-dirty-bitmap-disable"
-            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_simple(&cmd.name, args),
-            "block-dirty-bitmap-merge" => self.bitmap_merge(args),
+            | "block-dirty-bitmap-merge"
+            | "x-debug-block-dirty-bitmap-sha256" => {
+                bitmap_commands::execute(&self.graph, &cmd.name, args)
+            }
+            "transaction" => transaction::execute(self, args),
             "nbd-server-start" => {
                 let options = nbd_server_options(args)?;
                 self.exports.start_nbd_server(options).await.map_err(generic)?;
@@ -149,87 +159,9 @@ impl Qmp {
         }
     }
 
-    /// The node named `name`, for bitmap lookups (`Node '…' not found`).
-    fn bitmap_node(&self, name: &str) -> Result<Arc<Node>, QmpError> {
-        self.graph.find(name).ok_or_else(|| QmpError::generic(format!("Node '{name}' not found")))
-    }
-
-    fn bitmap_add(&self, args: Value) -> Result<Value, QmpError> {
-        let mut r = reader(args)?;
-        let node = r.require_str("node").map_err(generic)?;
-        let name = r.require_str("name").map_err(generic)?;
-        let granularity = r.take_u64("granularity").map_err(generic)?;
-        if granularity.is_some_and(|g| g > u64::from(u32::MAX)) {
-            return Err(QmpError::generic("Parameter 'granularity' expects uint32_t"));
-        }
-        let persistent = r.take_bool("persistent").map_err(generic)?.unwrap_or(false);
-        let disabled = r.take_bool("disabled").map_err(generic)?.unwrap_or(false);
-        finish(r)?;
-        if name.is_empty() {
-            return Err(QmpError::generic("Bitmap name cannot be empty"));
-        }
-        let n = self.graph.find(&node).ok_or_else(|| {
-            QmpError::generic(format!("Cannot find device='{node}' nor node-name='{node}'"))
-        })?;
-        n.bitmaps().add(&AddBitmap { name, granularity, persistent, disabled }).map_err(generic)?;
-        Ok(json!({}))
-    }
-
-    fn bitmap_simple(&self, command: &str, args: Value) -> Result<Value, QmpError> {
-        let mut r = reader(args)?;
-        let node = r.require_str("node").map_err(generic)?;
-        let name = r.require_str("name").map_err(generic)?;
-        finish(r)?;
-        let n = self.bitmap_node(&node)?;
-        let bitmaps = n.bitmaps();
-        match command {
-            "block-dirty-bitmap-remove" => bitmaps.remove(&name).map_err(generic)?,
-            "block-dirty-bitmap-clear" => bitmaps.clear(&name).map_err(generic)?,
-            "block-dirty-bitmap-enable" => bitmaps.enable(&name).map(drop).map_err(generic)?,
-            "block-dirty-bitmap-disable" => bitmaps.disable(&name).map(drop).map_err(generic)?,
-            _ => {
-                let sha = bitmaps.sha256(&name).map_err(generic)?;
-                return Ok(json!({"sha256": sha}));
-            }
-        }
-        Ok(json!({}))
-    }
-
-    fn bitmap_merge(&self, args: Value) -> Result<Value, QmpError> {
-        let mut r = reader(args)?;
-        let node = r.require_str("node").map_err(generic)?;
-        let target = r.require_str("target").map_err(generic)?;
-        let list = r
-            .take_value("bitmaps")
-            .ok_or_else(|| QmpError::generic("Parameter 'bitmaps' is missing".to_string()))?;
-        finish(r)?;
-        let Value::Array(list) = list else {
-            return Err(QmpError::generic("Invalid parameter type for 'bitmaps', expected: array"));
-        };
-        let mut sources = Vec::with_capacity(list.len());
-        for (i, item) in list.into_iter().enumerate() {
-            match item {
-                Value::String(name) => sources.push(BitmapRef::local(&name)),
-                Value::Object(_) => {
-                    let mut b = OptionsReader::new(item, &format!("bitmaps[{i}]"), Syntax::Json)
-                        .map_err(generic)?;
-                    let node = b.require_str("node").map_err(generic)?;
-                    let name = b.require_str("name").map_err(generic)?;
-                    finish(b)?;
-                    sources.push(BitmapRef::on(&node, &name));
-                }
-                _ => {
-                    return Err(QmpError::generic(format!(
-                        "Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr"
-                    )));
-                }
-            }
-        }
-        let n = self.bitmap_node(&node)?;
-        let graph = &self.graph;
-        let resolve = |name: &str| graph.find(name).map(|n| n.bitmaps().clone());
-        n.bitmaps().merge(&target, &sources, &resolve).map_err(generic)?;
-        Ok(json!({}))
+    /// The graph the commands act on.
+    pub(crate) fn graph(&self) -> &Arc<BlockGraph> {
+        &self.graph
     }
 }
 
