@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use qcow2::storage::{FileOptions, Locking};
 use serde_json::Value;
 
+use super::blkdebug::{self, BlkdebugDriver};
 use super::file::FileDriver;
 use super::node::{BlockDriver, DetectZeroes, Node, NodeOptions};
 use super::options::{OptionsError, OptionsReader, Syntax, parse_keyval_or_json, valid_node_name};
@@ -131,7 +132,7 @@ impl BlockGraph {
     ) -> Result<Arc<Node>, GraphError> {
         let mut r = OptionsReader::new(options, prefix, syntax)?;
         let driver = r.require_str("driver")?;
-        if !["file", "raw", "qcow2"].contains(&driver.as_str()) {
+        if !["file", "raw", "qcow2", "blkdebug"].contains(&driver.as_str()) {
             return Err(OptionsError::BadValue { key: r.path("driver"), value: driver }.into());
         }
         let name = match r.take_str("node-name")? {
@@ -195,6 +196,16 @@ impl BlockGraph {
                 let driver = Qcow2Driver::open(file, backing, !options.read_only)
                     .map_err(GraphError::Driver)?;
                 (Box::new(driver), children)
+            }
+            "blkdebug" => {
+                let image_path = r.path("image");
+                let (config, image) = blkdebug::parse_options(&mut r)?;
+                r.finish()?;
+                let inherit =
+                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let image = self.child(image, &image_path, syntax, inherit)?;
+                blkdebug::check_align(config.align).map_err(GraphError::Driver)?;
+                (Box::new(BlkdebugDriver::new(image.clone(), config)), vec![image])
             }
             _ => {
                 let offset = r.take_u64("offset")?.unwrap_or(0);
