@@ -31,6 +31,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
@@ -367,6 +368,10 @@ enum Verdict {
 pub struct BlkdebugDriver {
     child: Arc<Node>,
     engine: Mutex<Engine>,
+    /// The length seen at open and after resizes through this node: a resize of the
+    /// child alone does not change it (QEMU 10.0.2 behaves so, verified with
+    /// `block_resize` on the child and `query-named-block-nodes`).
+    len: AtomicU64,
 }
 
 impl BlkdebugDriver {
@@ -374,7 +379,8 @@ impl BlkdebugDriver {
     pub fn new(child: Arc<Node>, config: BlkdebugConfig) -> Self {
         let inject = (0u64..).zip(config.inject_error).collect();
         let engine = Engine { inject, set_state: config.set_state, active: Vec::new(), state: 1 };
-        BlkdebugDriver { child, engine: Mutex::new(engine) }
+        let len = AtomicU64::new(child.len());
+        BlkdebugDriver { child, engine: Mutex::new(engine), len }
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
@@ -432,7 +438,7 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn len(&self) -> u64 {
-        self.child.len()
+        self.len.load(Ordering::Acquire)
     }
 
     fn filename(&self) -> Option<PathBuf> {
@@ -465,7 +471,9 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn resize(&self, new_len: u64) -> io::Result<()> {
-        self.child.resize_blocking(new_len).map_err(io::Error::from)
+        self.child.resize_blocking(new_len).map_err(io::Error::from)?;
+        self.len.store(new_len, Ordering::Release);
+        Ok(())
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
