@@ -188,6 +188,8 @@ pub struct NodeOptions {
     pub detect_zeroes: DetectZeroes,
     /// `cache.no-flush`: flushes do nothing.
     pub no_flush: bool,
+    /// `cache.direct`: the file is opened with O_DIRECT (reported by queries).
+    pub direct: bool,
 }
 
 /// A node of the block graph.
