@@ -37,6 +37,9 @@ impl ExportError {
     /// The NBD error value sent for this error.
     pub fn nbd_errno(&self) -> u32 {
         match self {
+            ExportError::Io(e) if e.raw_os_error().is_some() => {
+                host_errno_to_nbd(e.raw_os_error().unwrap_or_default())
+            }
             ExportError::Io(e) => match e.kind() {
                 std::io::ErrorKind::PermissionDenied => proto::EPERM,
                 std::io::ErrorKind::InvalidInput => proto::EINVAL,
@@ -50,6 +53,25 @@ impl ExportError {
             ExportError::NoSpace => proto::ENOSPC,
             ExportError::NotPermitted => proto::EPERM,
         }
+    }
+}
+
+/// The NBD error value for a host errno (Linux numbering), as QEMU's server maps it:
+/// the errnos NBD has pass through, EROFS becomes EPERM, EDQUOT and EFBIG become
+/// ENOSPC, and anything else is EINVAL.
+fn host_errno_to_nbd(errno: i32) -> u32 {
+    const EROFS: i32 = 30;
+    const EFBIG: i32 = 27;
+    const EDQUOT: i32 = 122;
+    match errno {
+        1 | EROFS => proto::EPERM,
+        5 => proto::EIO,
+        12 => proto::ENOMEM,
+        28 | EFBIG | EDQUOT => proto::ENOSPC,
+        75 => proto::EOVERFLOW,
+        95 => proto::ENOTSUP,
+        108 => proto::ESHUTDOWN,
+        _ => proto::EINVAL,
     }
 }
 
@@ -428,5 +450,28 @@ impl Export for MemoryExport {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod errno_tests {
+    use super::*;
+
+    #[test]
+    fn host_errnos_map_as_qemu_maps_them() {
+        let nbd =
+            |errno: i32| ExportError::Io(std::io::Error::from_raw_os_error(errno)).nbd_errno();
+        // EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN pass through.
+        for errno in [1, 5, 12, 22, 28, 75, 95, 108] {
+            assert_eq!(nbd(errno), errno as u32, "{errno}");
+        }
+        assert_eq!(nbd(30), proto::EPERM, "EROFS");
+        assert_eq!(nbd(27), proto::ENOSPC, "EFBIG");
+        assert_eq!(nbd(122), proto::ENOSPC, "EDQUOT");
+        assert_eq!(nbd(13), proto::EINVAL, "EACCES");
+        assert_eq!(nbd(2), proto::EINVAL, "ENOENT");
+        let kind = |k| ExportError::Io(std::io::Error::from(k)).nbd_errno();
+        assert_eq!(kind(std::io::ErrorKind::Other), proto::EIO);
+        assert_eq!(kind(std::io::ErrorKind::PermissionDenied), proto::EPERM);
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use qcow2::storage::{FileOptions, Locking};
 use serde_json::Value;
 
+use super::blkdebug::{self, BlkdebugDriver};
 use super::file::FileDriver;
 use super::node::{BlockDriver, DetectZeroes, Node, NodeOptions};
 use super::options::{OptionsError, OptionsReader, Syntax, parse_keyval_or_json, valid_node_name};
@@ -41,6 +42,22 @@ pub enum GraphError {
     Driver(String),
 }
 
+/// Why a node could not be removed (`blockdev-del`). `Display` is QEMU's text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoveError {
+    /// No node of that name was added at the top level (nested children cannot be
+    /// removed on their own, as in QEMU).
+    #[error("Failed to find node with node-name='{0}'")]
+    NotFound(String),
+    /// An export (or another user outside the graph) uses the node.
+    #[error("Node {0} is in use")]
+    InUse(String),
+    /// Another node uses it as a child.
+    #[error("Block device {0} is in use")]
+    ChildInUse(String),
+}
+
 /// An OS error's text without Rust's ` (os error N)` suffix, as QEMU prints `strerror`.
 pub(crate) fn strerror(e: &io::Error) -> String {
     let text = match e.raw_os_error() {
@@ -60,6 +77,15 @@ pub struct BlockGraph {
     next_auto_name: AtomicU64,
     /// One add at a time, so that a failed add can remove exactly the children it made.
     adding: Mutex<()>,
+    /// Names in the order the nodes were made, and which were added at the top level;
+    /// locked after `nodes` when both are held.
+    meta: Mutex<Meta>,
+}
+
+#[derive(Debug, Default)]
+struct Meta {
+    created: Vec<String>,
+    roots: std::collections::BTreeSet<String>,
 }
 
 impl BlockGraph {
@@ -78,11 +104,65 @@ impl BlockGraph {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
+    /// All nodes, newest first (the order QEMU lists them in).
+    pub fn nodes_newest_first(&self) -> Vec<Arc<Node>> {
+        let nodes = self.lock_nodes();
+        let meta = self.lock_meta();
+        meta.created.iter().rev().filter_map(|name| nodes.get(name).cloned()).collect()
+    }
+
+    /// Removes the node `name`, which must have been added at the top level, and the
+    /// nested children made with it that nothing else uses (`blockdev-del`). `users`
+    /// are the nodes used outside the graph (exported, in a job): such a node is
+    /// refused, as is a node that another node uses as a child. Returns the removed
+    /// nodes, users first: the order in which to close them.
+    pub fn remove(&self, name: &str, users: &[String]) -> Result<Vec<Arc<Node>>, RemoveError> {
+        let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut nodes = self.lock_nodes();
+        let mut meta = self.lock_meta();
+        let node = match nodes.get(name) {
+            Some(node) if meta.roots.contains(name) => node.clone(),
+            _ => return Err(RemoveError::NotFound(name.to_string())),
+        };
+        if users.iter().any(|u| u == name) {
+            return Err(RemoveError::InUse(name.to_string()));
+        }
+        let used_by_other = |nodes: &BTreeMap<String, Arc<Node>>, n: &Arc<Node>| {
+            nodes.values().any(|user| user.children().iter().any(|c| Arc::ptr_eq(c, n)))
+        };
+        if used_by_other(&nodes, &node) {
+            return Err(RemoveError::ChildInUse(name.to_string()));
+        }
+        let mut removed = Vec::new();
+        let mut pending = vec![node];
+        while let Some(n) = pending.pop() {
+            nodes.remove(n.name());
+            meta.created.retain(|c| c != n.name());
+            meta.roots.remove(n.name());
+            for child in n.children() {
+                let own = !meta.roots.contains(child.name())
+                    && !users.iter().any(|u| u == child.name())
+                    && nodes.contains_key(child.name())
+                    && !used_by_other(&nodes, child);
+                if own {
+                    pending.push(child.clone());
+                }
+            }
+            removed.push(n);
+        }
+        Ok(removed)
+    }
+
+    fn lock_meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Removes every node from the graph and returns them with each node before the
     /// nodes it uses (a qcow2 node before its file), the order in which to close them.
     pub fn take_all_users_first(&self) -> Vec<Arc<Node>> {
         let mut rest: Vec<Arc<Node>> =
             std::mem::take(&mut *self.lock_nodes()).into_values().collect();
+        *self.lock_meta() = Meta::default();
         let mut ordered = Vec::with_capacity(rest.len());
         while !rest.is_empty() {
             let used = |n: &Arc<Node>| {
@@ -111,9 +191,15 @@ impl BlockGraph {
         let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
         let before: Vec<String> = self.lock_nodes().keys().cloned().collect();
         let result = self.open(options, syntax, "", Inherited::default());
-        if result.is_err() {
-            // Nested children opened before the failure go too.
-            self.lock_nodes().retain(|name, _| before.contains(name));
+        match &result {
+            Ok(node) => {
+                self.lock_meta().roots.insert(node.name().to_string());
+            }
+            Err(_) => {
+                // Nested children opened before the failure go too.
+                self.lock_nodes().retain(|name, _| before.contains(name));
+                self.lock_meta().created.retain(|name| before.contains(name));
+            }
         }
         result
     }
@@ -131,7 +217,7 @@ impl BlockGraph {
     ) -> Result<Arc<Node>, GraphError> {
         let mut r = OptionsReader::new(options, prefix, syntax)?;
         let driver = r.require_str("driver")?;
-        if !["file", "raw", "qcow2"].contains(&driver.as_str()) {
+        if !["file", "raw", "qcow2", "blkdebug"].contains(&driver.as_str()) {
             return Err(OptionsError::BadValue { key: r.path("driver"), value: driver }.into());
         }
         let name = match r.take_str("node-name")? {
@@ -196,6 +282,16 @@ impl BlockGraph {
                     .map_err(GraphError::Driver)?;
                 (Box::new(driver), children)
             }
+            "blkdebug" => {
+                let image_path = r.path("image");
+                let (config, image) = blkdebug::parse_options(&mut r)?;
+                r.finish()?;
+                let inherit =
+                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let image = self.child(image, &image_path, syntax, inherit)?;
+                blkdebug::check_align(config.align).map_err(GraphError::Driver)?;
+                (Box::new(BlkdebugDriver::new(image.clone(), config)), vec![image])
+            }
             _ => {
                 let offset = r.take_u64("offset")?.unwrap_or(0);
                 let size = r.take_u64("size")?;
@@ -217,7 +313,8 @@ impl BlockGraph {
         if nodes.contains_key(&name) {
             return Err(GraphError::Duplicate(name));
         }
-        nodes.insert(name, node.clone());
+        nodes.insert(name.clone(), node.clone());
+        self.lock_meta().created.push(name);
         Ok(node)
     }
 
@@ -275,5 +372,5 @@ fn common_options(
     for ignored in ["auto-read-only", "force-share"] {
         r.take_bool(ignored)?;
     }
-    Ok((NodeOptions { read_only, discard_unmap, detect_zeroes, no_flush }, direct))
+    Ok((NodeOptions { read_only, discard_unmap, detect_zeroes, no_flush, direct }, direct))
 }

@@ -1,5 +1,6 @@
 //! Block nodes, the graph that names them, and their dirty bitmaps.
 
+pub mod blkdebug;
 pub mod dirty_bitmap;
 pub mod file;
 pub mod graph;

@@ -12,6 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use qcow2::storage::Storage;
 
+use super::blkdebug::DebugEvent;
 use super::dirty_bitmap::{BitmapError, BitmapPersistence, LoadedBitmap, NodeBitmaps};
 
 /// What a range of a node holds, as block status reports it.
@@ -97,6 +98,12 @@ pub trait BlockDriver: Send + Sync {
     /// [`check_resize`]: BlockDriver::check_resize
     fn resize(&self, _new_len: u64) -> io::Result<()> {
         Err(resize_unsupported())
+    }
+
+    /// Handles a blkdebug event; `false` (the default) passes it to the node's first
+    /// child, as QEMU passes events down to the first driver that handles them.
+    fn debug_event(&self, _event: DebugEvent) -> bool {
+        false
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -194,6 +201,8 @@ pub struct NodeOptions {
     pub detect_zeroes: DetectZeroes,
     /// `cache.no-flush`: flushes do nothing.
     pub no_flush: bool,
+    /// `cache.direct`: the file is opened with O_DIRECT (reported by queries).
+    pub direct: bool,
 }
 
 /// A node of the block graph.
@@ -332,6 +341,16 @@ impl Node {
         &self.children
     }
 
+    /// Emits a blkdebug event on this node: its driver or, failing that, the first
+    /// child down the chain that handles events (a `blkdebug` node) gets it.
+    pub fn debug_event(&self, event: DebugEvent) {
+        if !self.driver.debug_event(event)
+            && let Some(child) = self.children.first()
+        {
+            child.debug_event(event);
+        }
+    }
+
     /// Holds off resizes while a request runs (shared: requests run concurrently).
     fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
         self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
@@ -446,12 +465,15 @@ impl Node {
         self.check_writable(offset, buf.len() as u64)?;
         self.run_before_write(offset, buf.len() as u64)?;
         let zeroes = self.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
+        // The block layer's events around a write, as QEMU emits them (for blkdebug).
+        self.debug_event(if zeroes { DebugEvent::PWRITEV_ZERO } else { DebugEvent::PWRITEV });
         let result = if zeroes {
             let may_unmap = self.options.detect_zeroes == DetectZeroes::Unmap;
             self.driver.write_zeroes(offset, buf.len() as u64, ZeroFlags { may_unmap, fua })
         } else {
             self.driver.write(buf, offset, fua)
         };
+        self.debug_event(DebugEvent::PWRITEV_DONE);
         self.bitmaps.set_dirty(offset, buf.len() as u64);
         result
     }
@@ -462,7 +484,9 @@ impl Node {
         self.check_writable(offset, len)?;
         self.run_before_write(offset, len)?;
         let flags = ZeroFlags { may_unmap: flags.may_unmap && self.options.discard_unmap, ..flags };
+        self.debug_event(DebugEvent::PWRITEV_ZERO);
         let result = self.driver.write_zeroes(offset, len, flags);
+        self.debug_event(DebugEvent::PWRITEV_DONE);
         self.bitmaps.set_dirty(offset, len);
         result
     }
@@ -484,7 +508,15 @@ impl Node {
     /// Flush (blocking).
     pub fn flush_blocking(&self) -> io::Result<()> {
         let _gate = self.io_shared();
-        if self.options.no_flush { Ok(()) } else { self.driver.flush() }
+        if self.options.no_flush {
+            return Ok(());
+        }
+        // QEMU emits the flush events on the flushed node's first child.
+        if let Some(child) = self.children.first() {
+            child.debug_event(DebugEvent::FLUSH_TO_OS);
+            child.debug_event(DebugEvent::FLUSH_TO_DISK);
+        }
+        self.driver.flush()
     }
 
     /// Resizes the node to `new_len` bytes (blocking), with QEMU's rules: refused on a

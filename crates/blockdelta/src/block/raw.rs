@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::blkdebug::DebugEvent;
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 
 /// The raw format over a child node.
@@ -80,6 +81,8 @@ impl BlockDriver for RawDriver {
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // QEMU's raw driver announces guest data I/O to its child (for blkdebug).
+        self.child.debug_event(DebugEvent::READ_AIO);
         self.child.read_blocking(buf, self.offset + offset)
     }
 
@@ -88,6 +91,7 @@ impl BlockDriver for RawDriver {
     }
 
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.child.debug_event(DebugEvent::WRITE_AIO);
         self.child.write_blocking(buf, self.offset + offset, fua)
     }
 

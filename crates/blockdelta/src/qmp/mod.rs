@@ -3,6 +3,7 @@
 //! and texts.
 
 mod bitmap_commands;
+mod block_commands;
 pub mod monitor;
 pub mod protocol;
 mod transaction;
@@ -15,7 +16,6 @@ use tokio::sync::{Notify, broadcast};
 use self::protocol::{Command, QmpError};
 use crate::block::dirty_bitmap::BitmapInfo;
 use crate::block::graph::BlockGraph;
-use crate::block::node::Node;
 use crate::block::options::{OptionsReader, Syntax};
 use crate::export::{BlockExportOptions, ExportManager, NbdServerOptions};
 
@@ -26,6 +26,10 @@ const COMMANDS: &[&str] = &[
     "query-commands",
     "quit",
     "query-named-block-nodes",
+    "query-block",
+    "blockdev-add",
+    "blockdev-del",
+    "block_resize",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -99,12 +103,6 @@ impl Qmp {
                 finish(reader(args)?)?;
                 Ok(json!({}))
             }
-            "query-named-block-nodes" => {
-                let mut r = reader(args)?;
-                r.take_bool("flat").map_err(generic)?;
-                finish(r)?;
-                Ok(Value::Array(self.graph.nodes().iter().map(|n| node_record(n)).collect()))
-            }
             "block-dirty-bitmap-add"
             | "block-dirty-bitmap-remove"
             | "block-dirty-bitmap-clear"
@@ -153,9 +151,12 @@ impl Qmp {
                         .collect(),
                 ))
             }
-            other => {
-                Err(QmpError::command_not_found(format!("The command {other} has not been found")))
-            }
+            other => match block_commands::execute(self, other, args).await {
+                Some(result) => result,
+                None => Err(QmpError::command_not_found(format!(
+                    "The command {other} has not been found"
+                ))),
+            },
         }
     }
 
@@ -204,25 +205,6 @@ fn nbd_server_options(args: Value) -> Result<NbdServerOptions, QmpError> {
         args.insert("addr".into(), Value::Object(flat));
     }
     NbdServerOptions::from_value(Value::Object(args), Syntax::Json).map_err(generic)
-}
-
-/// A node's `query-named-block-nodes` record (the members blockdelta fills so far).
-fn node_record(node: &Node) -> Value {
-    let mut record = Map::new();
-    record.insert("node-name".into(), json!(node.name()));
-    record.insert("drv".into(), json!(node.driver_name()));
-    record.insert("ro".into(), json!(node.read_only()));
-    if let Some(f) = node.filename() {
-        record.insert("file".into(), json!(f.display().to_string()));
-    }
-    let bitmaps = node.bitmaps().query();
-    if !bitmaps.is_empty() {
-        record.insert(
-            "dirty-bitmaps".into(),
-            Value::Array(bitmaps.iter().map(bitmap_record).collect()),
-        );
-    }
-    Value::Object(record)
 }
 
 /// QEMU's `BlockDirtyInfo`.
