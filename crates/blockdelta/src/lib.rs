@@ -4,4 +4,5 @@
 
 pub mod block;
 pub mod export;
+pub mod jobs;
 pub mod qmp;
