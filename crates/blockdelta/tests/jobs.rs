@@ -727,7 +727,8 @@ async fn verbs_by_state() {
         let allowed = match verb {
             "pause" | "set-speed" => ["created", "running", "paused"].contains(&state),
             "resume" => {
-                return (state != "paused").then(|| "Can't resume a job that was not paused".into());
+                return (state != "paused")
+                    .then(|| "Can't resume a job that was not paused".into());
             }
             "complete" => false,
             "finalize" => state == "pending",
