@@ -3,14 +3,13 @@
 //! bitmap is settled as QEMU settles it (success: only the writes made during the job;
 //! cancel: nothing lost).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use blockdelta::block::dirty_bitmap::AddBitmap;
 use blockdelta::block::graph::BlockGraph;
 use blockdelta::block::node::Node;
-use blockdelta::jobs::backup::{Backup, BackupError, BackupOptions, CopyControl, CopyOutcome};
-use blockdelta::jobs::block_copy::CopyError;
+use blockdelta::jobs::backup::{Backup, BackupError, BackupJob, BackupOptions};
+use blockdelta::jobs::{JobOptions, JobRegistry, JobType};
 use hbitmap::HBitmap;
 use serde_json::json;
 use testkit::{SplitMix64, qemu_img};
@@ -18,27 +17,6 @@ use testkit::{SplitMix64, qemu_img};
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const CLUSTER: u64 = 64 * 1024;
-
-struct Control {
-    /// Cancel at this checkpoint (counted), if set.
-    cancel_at: Option<usize>,
-    checkpoints: AtomicUsize,
-    failed: AtomicBool,
-}
-
-impl CopyControl for Control {
-    async fn checkpoint(&self) -> bool {
-        let n = self.checkpoints.fetch_add(1, Ordering::SeqCst);
-        tokio::task::yield_now().await;
-        self.cancel_at.is_none_or(|c| n < c)
-    }
-    async fn throttle(&self, _bytes: u64) {}
-    fn progress(&self, _done: u64, _remaining: u64) {}
-    async fn copy_failed(&self, _error: &CopyError) -> bool {
-        self.failed.store(true, Ordering::SeqCst);
-        false
-    }
-}
 
 fn image(graph: &BlockGraph, dir: &std::path::Path, name: &str) -> Arc<Node> {
     let path = dir.join(format!("{name}.qcow2"));
@@ -78,7 +56,9 @@ fn options(sync: &str, bitmap: Option<&str>, mode: Option<&str>) -> BackupOption
     BackupOptions::from_value(v).unwrap()
 }
 
-fn scenario(cancel_at: Option<usize>) {
+/// An incremental backup of `src` (bitmap b0) to `dst`, racing 150 guest writes; with
+/// `cancel`, the job is cancelled as soon as it runs.
+fn scenario(cancel: bool) {
     let dir = tempfile::tempdir().unwrap();
     let graph = BlockGraph::new();
     let src = image(&graph, dir.path(), "src");
@@ -91,14 +71,30 @@ fn scenario(cancel_at: Option<usize>) {
     writes(&src, &mut rng, 100, &mut before_model);
     let point_in_time = read_all(&src);
 
-    let backup =
-        Arc::new(Backup::create(&graph, options("incremental", Some("b0"), None)).unwrap());
-    let mut during_model = HBitmap::new(SIZE, 16).unwrap();
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = {
+        let events = events.clone();
+        Arc::new(move |name: &'static str, data: serde_json::Value| {
+            let status = data["status"].as_str().map(|s| format!(" {s}")).unwrap_or_default();
+            events.lock().unwrap().push(format!("{name}{status}"));
+        })
+    };
+    let registry = JobRegistry::new(sink);
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let control =
-        Control { cancel_at, checkpoints: AtomicUsize::new(0), failed: AtomicBool::new(false) };
-    let outcome = rt.block_on(async {
+    let backup = Backup::create(&graph, options("incremental", Some("b0"), None), |id| {
+        registry.check_new_id(id)
+    })
+    .unwrap();
+    let mut during_model = HBitmap::new(SIZE, 16).unwrap();
+    rt.block_on(async {
+        let job = registry
+            .create(JobOptions::new("j0", JobType::Backup), BackupJob(Arc::new(backup)))
+            .unwrap();
+        job.start().unwrap();
+        if cancel {
+            job.cancel(true).await.unwrap();
+        }
         let writer = {
             let src = src.clone();
             tokio::task::spawn_blocking(move || {
@@ -107,21 +103,17 @@ fn scenario(cancel_at: Option<usize>) {
                 model
             })
         };
-        let outcome = backup.run(&control, 4).await;
+        job.wait_finished().await;
         during_model.merge(&writer.await.unwrap()).unwrap();
-        outcome
     });
-    match (&outcome, cancel_at) {
-        (CopyOutcome::Done, None) => backup.commit().unwrap(),
-        (CopyOutcome::Cancelled, Some(_)) => backup.abort().unwrap(),
-        other => panic!("unexpected outcome {other:?}"),
-    }
-    backup.clean();
-    assert!(!control.failed.load(Ordering::SeqCst));
+    let events = events.lock().unwrap().clone();
+    let last = if cancel { "BLOCK_JOB_CANCELLED" } else { "BLOCK_JOB_COMPLETED" };
+    assert!(events.iter().any(|e| e == last), "{events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("JOB_STATUS_CHANGE null"));
 
     let b0 = src.bitmaps().sha256("b0").unwrap();
     let target = read_all(&dst);
-    if cancel_at.is_none() {
+    if !cancel {
         // Every cluster of the bitmap holds the point-in-time data.
         for run in before_model.dirty_runs(0) {
             let r = run.start as usize..run.end as usize;
@@ -138,16 +130,17 @@ fn scenario(cancel_at: Option<usize>) {
     // The source is writable again without copy-before-write, and resizable.
     src.write_blocking(&[1; 512], 0, false).unwrap();
     assert!(src.bitmaps().query().iter().all(|b| !b.busy), "{:?}", src.bitmaps().query());
+    src.resize_blocking(SIZE + MIB).unwrap();
 }
 
 #[test]
 fn incremental_backup_success_leaves_only_new_writes_in_the_bitmap() {
-    scenario(None);
+    scenario(false);
 }
 
 #[test]
 fn cancelled_incremental_backup_reclaims_every_bit() {
-    scenario(Some(3));
+    scenario(true);
 }
 
 /// The accept/reject matrix of iotest 257's `test_backup_api` (spec 3.4), with QEMU's
@@ -194,7 +187,7 @@ fn backup_arguments_are_checked_in_qemus_order() {
                 (_, None, None) => None,
                 _ => unreachable!(),
             };
-            let result = Backup::create(&graph, options(sync, bitmap, mode));
+            let result = Backup::create(&graph, options(sync, bitmap, mode), |_| Ok(()));
             match (result, expected) {
                 (Ok(b), None) => {
                     b.abort().unwrap();

@@ -111,6 +111,8 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             write_pidfile(path)?;
         }
         wait_for_shutdown(&quit).await?;
+        // Running jobs are cancelled: their bitmaps are reclaimed, nothing is lost.
+        qmp.jobs().cancel_all().await;
         exports.shutdown();
         drop(monitors);
         anyhow::Ok(())

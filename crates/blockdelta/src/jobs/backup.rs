@@ -4,7 +4,7 @@
 //! of the sync bitmap at commit or abort (spec sections 3.4 and 5).
 //!
 //! The generic job machinery (states, verbs, events, pause, rate limit, error policy)
-//! drives this through [`CopyControl`].
+//! runs it as [`BackupJob`].
 
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +17,7 @@ use crate::block::node::Node;
 use crate::block::options::{OptionsError, OptionsReader, Syntax};
 
 use super::block_copy::{BlockCopy, CopyBeforeWrite, CopyError, InitialCopy};
+use super::{ErrorAction, IoOperation, JobContext, JobDriver, JobError, JobFailure, OnError};
 
 /// The smallest job cluster (QEMU's block-copy default).
 pub const MIN_CLUSTER: u64 = 64 * 1024;
@@ -48,35 +49,6 @@ impl SyncMode {
     }
 }
 
-/// An error policy (`on-source-error`, `on-target-error`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ErrorPolicy {
-    /// End the job with the error.
-    #[default]
-    Report,
-    /// Retry.
-    Ignore,
-    /// Stop on ENOSPC, report otherwise.
-    Enospc,
-    /// Pause the job until resumed, then retry.
-    Stop,
-    /// As `enospc` for a backup.
-    Auto,
-}
-
-impl ErrorPolicy {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "report" => ErrorPolicy::Report,
-            "ignore" => ErrorPolicy::Ignore,
-            "enospc" => ErrorPolicy::Enospc,
-            "stop" => ErrorPolicy::Stop,
-            "auto" => ErrorPolicy::Auto,
-            _ => return None,
-        })
-    }
-}
-
 /// The arguments of `blockdev-backup` (QEMU's `BlockdevBackup`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupOptions {
@@ -88,8 +60,9 @@ pub struct BackupOptions {
     pub target: String,
     /// `sync` as given (`incremental` included).
     pub sync: String,
-    /// Bytes per second for the background copy; 0 = unlimited.
-    pub speed: u64,
+    /// Bytes per second for the background copy; 0 = unlimited (negative is refused
+    /// when the job is created, as QEMU does).
+    pub speed: i64,
     /// The sync bitmap's name.
     pub bitmap: Option<String>,
     /// `bitmap-mode`.
@@ -97,9 +70,9 @@ pub struct BackupOptions {
     /// `compress`.
     pub compress: bool,
     /// `on-source-error`.
-    pub on_source_error: ErrorPolicy,
+    pub on_source_error: OnError,
     /// `on-target-error`.
-    pub on_target_error: ErrorPolicy,
+    pub on_target_error: OnError,
     /// `auto-finalize` (default true).
     pub auto_finalize: bool,
     /// `auto-dismiss` (default true).
@@ -114,14 +87,26 @@ impl BackupOptions {
     /// Reads the arguments (QMP JSON) with QEMU's texts for missing, unexpected and
     /// mistyped members.
     pub fn from_value(value: Value) -> Result<Self, OptionsError> {
-        let mut r = OptionsReader::new(value, "", Syntax::Json)?;
+        Self::from_value_at(value, "")
+    }
+
+    /// [`from_value`](Self::from_value) for arguments at `at` (e.g. `actions[0].data` in
+    /// a transaction), so that errors name the full path as QEMU's do.
+    pub fn from_value_at(value: Value, at: &str) -> Result<Self, OptionsError> {
+        let mut r = OptionsReader::new(value, at, Syntax::Json)?;
         let job_id = r.take_str("job-id")?;
         let device = r.require_str("device")?;
         let target = r.require_str("target")?;
         let sync = r
             .take_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
-            .ok_or_else(|| OptionsError::Missing("sync".into()))?;
-        let speed = r.take_u64("speed")?.unwrap_or(0);
+            .ok_or_else(|| OptionsError::Missing(r.path("sync")))?;
+        let speed = match r.take_value("speed") {
+            None => 0,
+            Some(v) => v.as_i64().ok_or_else(|| OptionsError::InvalidType {
+                key: r.path("speed"),
+                expected: "integer".into(),
+            })?,
+        };
         let bitmap = r.take_str("bitmap")?;
         let bitmap_mode =
             r.take_enum("bitmap-mode", &["on-success", "never", "always"])?.map(|m| {
@@ -133,21 +118,17 @@ impl BackupOptions {
             });
         let compress = r.take_bool("compress")?.unwrap_or(false);
         let policies = ["report", "ignore", "enospc", "stop", "auto"];
-        let on_source_error = r
-            .take_enum("on-source-error", &policies)?
-            .and_then(|p| ErrorPolicy::parse(&p))
-            .unwrap_or_default();
-        let on_target_error = r
-            .take_enum("on-target-error", &policies)?
-            .and_then(|p| ErrorPolicy::parse(&p))
-            .unwrap_or_default();
+        let on_source_error =
+            r.take_enum("on-source-error", &policies)?.map(|p| on_error(&p)).unwrap_or_default();
+        let on_target_error =
+            r.take_enum("on-target-error", &policies)?.map(|p| on_error(&p)).unwrap_or_default();
         let auto_finalize = r.take_bool("auto-finalize")?.unwrap_or(true);
         let auto_dismiss = r.take_bool("auto-dismiss")?.unwrap_or(true);
         let filter_node_name = r.take_str("filter-node-name")?;
         r.take_bool("discard-source")?;
         let mut max_workers = None;
         if let Some(perf) = r.take_value("x-perf") {
-            let mut p = OptionsReader::new(perf, "x-perf", Syntax::Json)?;
+            let mut p = OptionsReader::new(perf, &r.path("x-perf"), Syntax::Json)?;
             p.take_bool("use-copy-range")?;
             max_workers = p.take_u64("max-workers")?;
             p.take_u64("max-chunk")?;
@@ -171,6 +152,16 @@ impl BackupOptions {
             filter_node_name,
             max_workers,
         })
+    }
+}
+
+fn on_error(policy: &str) -> OnError {
+    match policy {
+        "ignore" => OnError::Ignore,
+        "enospc" => OnError::Enospc,
+        "stop" => OnError::Stop,
+        "auto" => OnError::Auto,
+        _ => OnError::Report,
     }
 }
 
@@ -202,9 +193,9 @@ pub enum BackupError {
     /// A mode without a bitmap.
     #[error("Cannot specify bitmap sync mode without a bitmap")]
     ModeWithoutBitmap,
-    /// The job id is not an identifier.
-    #[error("Invalid job ID '{0}'")]
-    InvalidJobId(String),
+    /// The job id is not an identifier, or is taken.
+    #[error(transparent)]
+    JobId(#[from] JobError),
     /// Source and target are one node.
     #[error("Source and target cannot be the same")]
     SameNode,
@@ -228,30 +219,6 @@ pub enum BackupError {
     Setup(String),
 }
 
-/// What the job machinery offers the background copy.
-pub trait CopyControl: Send + Sync {
-    /// Where the copy may pause, and notices cancellation: `false` means stop now.
-    fn checkpoint(&self) -> impl std::future::Future<Output = bool> + Send;
-    /// Waits as the rate limit requires before copying `bytes`.
-    fn throttle(&self, bytes: u64) -> impl std::future::Future<Output = ()> + Send;
-    /// Reports progress: bytes done and bytes still to do.
-    fn progress(&self, done: u64, remaining: u64);
-    /// A copy failed: decide by the error policy (and emit `BLOCK_JOB_ERROR`). `true`:
-    /// retry (after any pause the policy asked for); `false`: end the job with it.
-    fn copy_failed(&self, error: &CopyError) -> impl std::future::Future<Output = bool> + Send;
-}
-
-/// How the background copy ended.
-#[derive(Debug)]
-pub enum CopyOutcome {
-    /// Everything is copied (or, for sync=none, the job was told to end).
-    Done,
-    /// Cancelled.
-    Cancelled,
-    /// A copy failed and the policy said to end the job.
-    Failed(CopyError),
-}
-
 /// A created backup: the sync bitmap frozen, the copy-before-write step installed.
 #[derive(Debug)]
 pub struct Backup {
@@ -270,17 +237,18 @@ pub struct Backup {
     blocking_resize: Mutex<bool>,
 }
 
-fn valid_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 impl Backup {
     /// Runs QEMU's checks in QEMU's order and sets the backup up: at one drained point
     /// in time, the sync bitmap gets its successor and the copy-before-write step goes
     /// into the source's write path. That instant is the backup's point in time.
-    pub fn create(graph: &BlockGraph, options: BackupOptions) -> Result<Backup, BackupError> {
+    ///
+    /// `check_id` runs the job layer's id checks (`Invalid job ID`, `Job ID … already in
+    /// use`) where QEMU runs them.
+    pub fn create(
+        graph: &BlockGraph,
+        options: BackupOptions,
+        check_id: impl FnOnce(&str) -> Result<(), JobError>,
+    ) -> Result<Backup, BackupError> {
         let source = graph
             .find(&options.device)
             .ok_or_else(|| BackupError::NodeNotFound(options.device.clone()))?;
@@ -327,9 +295,6 @@ impl Backup {
         }
         // backup_job_create's checks.
         let job_id = options.job_id.clone().unwrap_or_default();
-        if !valid_id(&job_id) {
-            return Err(BackupError::InvalidJobId(job_id));
-        }
         if Arc::ptr_eq(&source, &target) {
             return Err(BackupError::SameNode);
         }
@@ -351,6 +316,9 @@ impl Backup {
         if source.len() != target.len() {
             return Err(BackupError::SizeMismatch);
         }
+        // QEMU creates the job (checking its id) after the bitmap checks and before
+        // anything changes that a failure would have to undo here.
+        check_id(&job_id)?;
         let cluster_size = target.cluster_size().unwrap_or(0).max(MIN_CLUSTER);
         // The point in time: no request in flight while the bitmap freezes and the
         // copy-before-write step goes in.
@@ -415,55 +383,6 @@ impl Backup {
         self.copy.remaining() + self.copy.done()
     }
 
-    /// The background copy: workers claim runs of clusters and copy them until none
-    /// is left, honouring pauses, cancellation, the rate limit and the error policy.
-    /// sync=none copies nothing and waits for the job to be told to end.
-    pub async fn run<C: CopyControl>(&self, control: &C, workers: usize) -> CopyOutcome {
-        if self.sync == SyncMode::None {
-            // Fleecing: copy-before-write does the work until the job is cancelled.
-            loop {
-                if !control.checkpoint().await {
-                    return CopyOutcome::Cancelled;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            if !control.checkpoint().await {
-                // Copies in flight finish (they cannot be interrupted mid-write).
-                while tasks.join_next().await.is_some() {}
-                return CopyOutcome::Cancelled;
-            }
-            while tasks.len() < workers.max(1) {
-                let Some(range) = self.copy.claim_next() else { break };
-                control.throttle(range.end - range.start).await;
-                let copy = self.copy.clone();
-                tasks.spawn_blocking(move || copy.copy_claimed(range, false));
-            }
-            let Some(joined) = tasks.join_next().await else {
-                control.progress(self.copy.done(), self.copy.remaining());
-                return CopyOutcome::Done;
-            };
-            control.progress(self.copy.done(), self.copy.remaining());
-            match joined {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    if !control.copy_failed(&e).await {
-                        while tasks.join_next().await.is_some() {}
-                        return CopyOutcome::Failed(e);
-                    }
-                }
-                Err(join) => {
-                    while tasks.join_next().await.is_some() {}
-                    let source = io::Error::other(format!("copy task failed: {join}"));
-                    let e = CopyError { operation: super::block_copy::CopyOperation::Read, source };
-                    return CopyOutcome::Failed(e);
-                }
-            }
-        }
-    }
-
     /// Commit (the job succeeded): the sync bitmap is settled as a success.
     pub fn commit(&self) -> Result<(), BitmapError> {
         self.settle(JobOutcome::Success)
@@ -490,5 +409,85 @@ impl Backup {
             self.source.block_resize(false);
             self.target.block_resize(false);
         }
+    }
+}
+
+/// A backup as a job: the background copy is the body; commit and abort settle the sync
+/// bitmap; clean removes the copy-before-write step.
+#[derive(Debug, Clone)]
+pub struct BackupJob(pub Arc<Backup>);
+
+impl BackupJob {
+    /// Copies a claimed range on a blocking thread.
+    async fn copy(&self, range: std::ops::Range<u64>) -> Result<(), CopyError> {
+        let copy = self.0.copy.clone();
+        match tokio::task::spawn_blocking(move || copy.copy_claimed(range, false)).await {
+            Ok(result) => result,
+            Err(e) => Err(CopyError {
+                operation: IoOperation::Read,
+                source: io::Error::other(format!("copy task failed: {e}")),
+            }),
+        }
+    }
+}
+
+impl JobDriver for BackupJob {
+    /// Workers claim runs of clusters and copy them (several at once) until none is
+    /// left, meeting pause points, noticing cancellation, obeying the rate limit and the
+    /// error policy. sync=none copies nothing and waits to be cancelled.
+    async fn run(&self, ctx: &JobContext) -> Result<(), JobFailure> {
+        let backup = &self.0;
+        ctx.set_total(backup.total());
+        if backup.sync == SyncMode::None {
+            while !ctx.is_cancelled() {
+                ctx.sleep(std::time::Duration::from_millis(100)).await;
+            }
+            return Ok(());
+        }
+        let workers = backup.options.max_workers.map_or(WORKERS, |w| w.min(64) as usize);
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            ctx.pause_point().await;
+            if ctx.is_cancelled() {
+                while tasks.join_next().await.is_some() {}
+                return Ok(());
+            }
+            while tasks.len() < workers.max(1) {
+                let Some(range) = backup.copy.claim_next() else { break };
+                let job = self.clone();
+                let len = range.end - range.start;
+                tasks.spawn(async move { (len, job.copy(range).await) });
+            }
+            let Some(joined) = tasks.join_next().await else { return Ok(()) };
+            let (len, result) = joined.map_err(|e| JobFailure::new(e.to_string()))?;
+            match result {
+                Ok(()) => {
+                    ctx.add_progress(len);
+                    ctx.rate_limit(len).await;
+                }
+                Err(e) => match ctx.error_action(e.operation, &e.source) {
+                    // The failed clusters went back into the copy bitmap: a retry
+                    // claims them again.
+                    ErrorAction::Ignore => {}
+                    ErrorAction::Stop => ctx.pause_point().await,
+                    _ => {
+                        while tasks.join_next().await.is_some() {}
+                        return Err(JobFailure::io(&e.source));
+                    }
+                },
+            }
+        }
+    }
+
+    async fn commit(&self) {
+        let _ = self.0.commit();
+    }
+
+    async fn abort(&self) {
+        let _ = self.0.abort();
+    }
+
+    async fn clean(&self) {
+        self.0.clean();
     }
 }

@@ -17,36 +17,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use hbitmap::HBitmap;
 
+use super::IoOperation;
 use crate::block::node::{BeforeWrite, Node, ZeroFlags};
 
 /// Largest run of clusters one background copy takes at once.
 pub const MAX_CHUNK: u64 = 1 << 20;
-
-/// Which side of a copy failed (QEMU's `BLOCK_JOB_ERROR` `operation`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyOperation {
-    /// Reading the source.
-    Read,
-    /// Writing the target.
-    Write,
-}
-
-impl CopyOperation {
-    /// QEMU's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CopyOperation::Read => "read",
-            CopyOperation::Write => "write",
-        }
-    }
-}
 
 /// A failed copy: the side and the I/O error.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", crate::block::graph::strerror(.source))]
 pub struct CopyError {
     /// Which side failed.
-    pub operation: CopyOperation,
+    pub operation: IoOperation,
     /// The error.
     pub source: io::Error,
 }
@@ -57,7 +39,7 @@ impl From<CopyError> for io::Error {
     }
 }
 
-fn on(operation: CopyOperation) -> impl Fn(io::Error) -> CopyError {
+fn on(operation: IoOperation) -> impl Fn(io::Error) -> CopyError {
     move |source| CopyError { operation, source }
 }
 
@@ -201,7 +183,7 @@ impl BlockCopy {
     /// zeroes are written as zeroes (no allocation on the target); with sync=top,
     /// areas not allocated in the source's top layer are skipped.
     fn copy_range(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
-        let (read, write) = (on(CopyOperation::Read), on(CopyOperation::Write));
+        let (read, write) = (on(IoOperation::Read), on(IoOperation::Write));
         let mut pos = range.start;
         let mut buf = Vec::new();
         while pos < range.end {

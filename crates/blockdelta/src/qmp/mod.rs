@@ -4,6 +4,7 @@
 
 mod bitmap_commands;
 mod block_commands;
+mod job_commands;
 pub mod monitor;
 pub mod protocol;
 mod transaction;
@@ -48,6 +49,8 @@ const COMMANDS: &[&str] = &[
 /// What the commands act on, shared by every monitor of a daemon.
 #[derive(Debug)]
 pub struct Qmp {
+    /// The jobs (backups).
+    jobs: Arc<crate::jobs::JobRegistry>,
     /// Held by every command, as QEMU's big lock: a transaction is atomic with respect
     /// to commands from other monitors.
     command_lock: tokio::sync::Mutex<()>,
@@ -61,7 +64,12 @@ impl Qmp {
     /// Commands over `graph` and `exports`; `quit` is notified by the `quit` command.
     pub fn new(graph: Arc<BlockGraph>, exports: Arc<ExportManager>, quit: Arc<Notify>) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Qmp { command_lock: tokio::sync::Mutex::new(()), graph, exports, events, quit }
+        let sender = events.clone();
+        let sink: crate::jobs::EventSink = Arc::new(move |name, data| {
+            let _ = sender.send(protocol::event(name, Some(data)));
+        });
+        let jobs = Arc::new(crate::jobs::JobRegistry::new(sink));
+        Qmp { jobs, command_lock: tokio::sync::Mutex::new(()), graph, exports, events, quit }
     }
 
     /// A receiver of every event emitted from now on.
@@ -96,7 +104,8 @@ impl Qmp {
             }
             "query-commands" => {
                 finish(reader(args)?)?;
-                Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect()))
+                let all = COMMANDS.iter().chain(job_commands::COMMANDS);
+                Ok(Value::Array(all.map(|c| json!({"name": c})).collect()))
             }
             // The monitor calls `request_quit` once the reply is sent.
             "quit" => {
@@ -112,7 +121,7 @@ impl Qmp {
             | "x-debug-block-dirty-bitmap-sha256" => {
                 bitmap_commands::execute(&self.graph, &cmd.name, args)
             }
-            "transaction" => transaction::execute(self, args),
+            "transaction" => transaction::execute(self, args).await,
             "nbd-server-start" => {
                 let options = nbd_server_options(args)?;
                 self.exports.start_nbd_server(options).await.map_err(generic)?;
@@ -151,6 +160,13 @@ impl Qmp {
                         .collect(),
                 ))
             }
+            other if job_commands::COMMANDS.contains(&other) => {
+                job_commands::execute(self, other, args).await.unwrap_or_else(|| {
+                    Err(QmpError::command_not_found(format!(
+                        "The command {other} has not been found"
+                    )))
+                })
+            }
             other => match block_commands::execute(self, other, args).await {
                 Some(result) => result,
                 None => Err(QmpError::command_not_found(format!(
@@ -158,6 +174,11 @@ impl Qmp {
                 ))),
             },
         }
+    }
+
+    /// The job registry.
+    pub fn jobs(&self) -> &Arc<crate::jobs::JobRegistry> {
+        &self.jobs
     }
 
     /// The graph the commands act on.

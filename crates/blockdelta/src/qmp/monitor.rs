@@ -106,6 +106,20 @@ async fn serve_client(mut stream: UnixStream, qmp: &Arc<Qmp>) {
                     }
                 }
             };
+            // Events the command emitted go out before its reply, as QEMU sends them.
+            if let Some(rx) = events.as_mut() {
+                let mut pending = Vec::new();
+                loop {
+                    match rx.try_recv() {
+                        Ok(event) => pending.extend(protocol::encode(&event)),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                        Err(_) => break,
+                    }
+                }
+                if !pending.is_empty() && stream.write_all(&pending).await.is_err() {
+                    return;
+                }
+            }
             let sent = stream.write_all(&protocol::encode(&reply)).await;
             if quit {
                 let _ = stream.flush().await;

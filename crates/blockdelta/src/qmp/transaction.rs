@@ -12,6 +12,8 @@ use super::{Qmp, finish, generic, reader};
 use crate::block::dirty_bitmap::{AddBitmap, BitmapId, BitmapRef, BitsBackup, RemovePending};
 use crate::block::node::Node;
 use crate::block::options::{OptionsReader, Syntax};
+use crate::jobs::backup::BackupOptions;
+use crate::jobs::{Job, JobTxn};
 
 /// The action types, as QEMU's `TransactionActionKind` spells them.
 const ACTIONS: &[&str] = &[
@@ -31,6 +33,8 @@ const ACTIONS: &[&str] = &[
 
 /// A prepared action, with what its commit or abort needs.
 enum Prepared {
+    /// A backup job, created and not started.
+    Backup(Job),
     Add(Arc<Node>, BitmapId),
     Remove(Arc<Node>, RemovePending),
     Restore(Arc<Node>, BitsBackup),
@@ -40,6 +44,8 @@ enum Prepared {
 impl Prepared {
     fn commit(self) {
         match self {
+            // Started by `execute`, in QEMU's order.
+            Prepared::Backup(_) => {}
             Prepared::Remove(node, pending) => {
                 let _ = node.bitmaps().commit_remove(pending);
             }
@@ -48,10 +54,16 @@ impl Prepared {
         }
     }
 
-    fn abort(self) {
+    async fn abort(self) {
         // Rollbacks of what prepare did, which cannot fail for a bitmap that prepare
         // left busy or just created; errors are ignored as QEMU's abort callbacks do.
         match self {
+            // Cancelling the unstarted job runs its abort (the bitmap is reclaimed) and
+            // clean-up (copy-before-write removed).
+            Prepared::Backup(job) => {
+                let _ = job.cancel(true).await;
+                job.wait_finished().await;
+            }
             Prepared::Add(node, id) => {
                 let _ = node.bitmaps().release(id);
             }
@@ -69,7 +81,7 @@ impl Prepared {
 }
 
 /// Runs `transaction`.
-pub(super) fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
+pub(super) async fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
     let mut r = reader(args)?;
     let actions = r
         .take_value("actions")
@@ -118,26 +130,49 @@ pub(super) fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
             "Action '{kind}' does not support transaction property completion-mode = grouped"
         )));
     }
+    // Grouped: every job of the transaction in one job transaction.
+    let txn = grouped.then(|| qmp.jobs().new_txn());
+    // Everything happens drained, as QEMU drains all nodes for a transaction.
+    let mut drain = qmp.jobs().drain_all().await;
     let mut prepared: Vec<Prepared> = Vec::new();
     for (_, action) in parsed {
-        match prepare(qmp, action) {
-            Ok(p) => prepared.extend(p),
+        match prepare(qmp, action, txn) {
+            Ok(p) => {
+                if let Some(Prepared::Backup(job)) = &p {
+                    drain.include(job);
+                }
+                prepared.extend(p)
+            }
             Err(e) => {
                 for p in prepared.into_iter().rev() {
-                    p.abort();
+                    p.abort().await;
                 }
+                drop(drain);
                 return Err(e);
             }
         }
     }
+    // Jobs start in reverse order of creation, as QEMU commits the actions.
+    let mut started = Vec::new();
     for p in prepared {
+        if let Prepared::Backup(job) = &p {
+            started.push(job.clone());
+        }
         p.commit();
     }
-    Ok(json!({}))
+    let mut result = Ok(json!({}));
+    for job in started.iter().rev() {
+        if let Err(e) = job.start() {
+            result = Err(super::job_commands::job_error(e));
+        }
+    }
+    drop(drain);
+    result
 }
 
 /// An action with its arguments read.
 enum Action {
+    Backup(Box<BackupOptions>),
     Abort,
     Add(String, AddBitmap),
     Remove(String, String),
@@ -178,13 +213,20 @@ fn parse_action(kind: &str, data: Value, at: &str) -> Result<Action, QmpError> {
             let (node, target, sources) = merge_args(data, at)?;
             Action::Merge(node, target, sources)
         }
+        "blockdev-backup" => {
+            let options = BackupOptions::from_value_at(data, at).map_err(generic)?;
+            Action::Backup(Box::new(options))
+        }
         other => Action::Unsupported(other.to_string()),
     })
 }
 
-fn prepare(qmp: &Qmp, action: Action) -> Result<Option<Prepared>, QmpError> {
+fn prepare(qmp: &Qmp, action: Action, txn: Option<JobTxn>) -> Result<Option<Prepared>, QmpError> {
     let graph = qmp.graph();
     Ok(Some(match action {
+        Action::Backup(options) => {
+            Prepared::Backup(super::job_commands::create_backup(qmp, *options, txn)?.job)
+        }
         Action::Abort => {
             return Err(QmpError::generic("Transaction aborted using Abort action"));
         }
