@@ -130,3 +130,47 @@ fn bitmap_copy_racing_writes_is_the_point_in_time() {
 fn copy_before_write_alone_keeps_the_old_data_of_written_clusters() {
     run_backup("none");
 }
+
+/// sync=top copies what the top layer holds and nothing that reads through to the
+/// backing file; the copy's length counts only those clusters.
+#[test]
+fn top_copies_only_what_the_top_layer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let b = base.to_str().unwrap();
+    qemu_img(["create", "-q", "-f", "qcow2", b, &SIZE.to_string()]).unwrap();
+    testkit::qemu_io(["-f", "qcow2", "-c", "write -P 9 0 4M", b]).unwrap();
+    qemu_img(["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", top.to_str().unwrap()])
+        .unwrap();
+    testkit::qemu_io([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 3 1M 128k",
+        "-c",
+        "write -P 4 8M 64k",
+        top.to_str().unwrap(),
+    ])
+    .unwrap();
+    let graph = BlockGraph::new();
+    let source = graph
+        .add_from_str(&format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            top.display()
+        ))
+        .unwrap();
+    let target = open(&graph, dir.path(), "dst");
+    let copy = source.drained(|| {
+        BlockCopy::new(source.clone(), target.clone(), CLUSTER, InitialCopy::AllocatedInTop)
+            .unwrap()
+    });
+    assert_eq!(copy.remaining(), 3 * CLUSTER);
+    while let Some(range) = copy.claim_next() {
+        copy.copy_claimed(range, false).unwrap();
+    }
+    let t = read_all(&target);
+    assert!(t[(1 << 20)..(1 << 20) + 131072].iter().all(|&x| x == 3));
+    assert!(t[(8 << 20)..(8 << 20) + 65536].iter().all(|&x| x == 4));
+    assert!(t[0..65536].iter().all(|&x| x == 0), "base data must not be copied");
+}

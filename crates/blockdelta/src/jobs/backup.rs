@@ -431,6 +431,15 @@ impl BackupJob {
     }
 }
 
+/// Brings the job's progress up to the copy's: done bytes (background and
+/// copy-before-write) and the remaining work.
+fn report_progress(ctx: &JobContext, copy: &BlockCopy, reported: &mut u64) {
+    let done = copy.done();
+    ctx.add_progress(done.saturating_sub(*reported));
+    *reported = done.max(*reported);
+    ctx.set_remaining(copy.remaining());
+}
+
 impl JobDriver for BackupJob {
     /// Workers claim runs of clusters and copy them (several at once) until none is
     /// left, meeting pause points, noticing cancellation, obeying the rate limit and the
@@ -446,6 +455,7 @@ impl JobDriver for BackupJob {
         }
         let workers = backup.options.max_workers.map_or(WORKERS, |w| w.min(64) as usize);
         let mut tasks = tokio::task::JoinSet::new();
+        let mut reported = 0;
         loop {
             ctx.pause_point().await;
             if ctx.is_cancelled() {
@@ -458,13 +468,15 @@ impl JobDriver for BackupJob {
                 let len = range.end - range.start;
                 tasks.spawn(async move { (len, job.copy(range).await) });
             }
-            let Some(joined) = tasks.join_next().await else { return Ok(()) };
+            let Some(joined) = tasks.join_next().await else {
+                report_progress(ctx, &backup.copy, &mut reported);
+                return Ok(());
+            };
             let (len, result) = joined.map_err(|e| JobFailure::new(e.to_string()))?;
+            // Copy-before-write copies count too, as in QEMU's shared progress meter.
+            report_progress(ctx, &backup.copy, &mut reported);
             match result {
-                Ok(()) => {
-                    ctx.add_progress(len);
-                    ctx.rate_limit(len).await;
-                }
+                Ok(()) => ctx.rate_limit(len).await,
                 Err(e) => match ctx.error_action(e.operation, &e.source) {
                     // The failed clusters went back into the copy bitmap: a retry
                     // claims them again.

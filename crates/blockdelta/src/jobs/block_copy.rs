@@ -85,7 +85,8 @@ fn lock(m: &Mutex<CopyState>) -> MutexGuard<'_, CopyState> {
 
 impl BlockCopy {
     /// The copy state for `source` → `target` with clusters of `cluster_size` bytes (a
-    /// power of two), starting with `initial`.
+    /// power of two), starting with `initial`. Meant to be called with the source
+    /// drained ([`Node::drained`]), at the backup's point in time.
     pub fn new(
         source: Arc<Node>,
         target: Arc<Node>,
@@ -98,7 +99,26 @@ impl BlockCopy {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let skip_unallocated = matches!(initial, InitialCopy::AllocatedInTop);
         match initial {
-            InitialCopy::All | InitialCopy::AllocatedInTop => to_copy.set_all(),
+            InitialCopy::All => to_copy.set_all(),
+            InitialCopy::AllocatedInTop => {
+                // Only what the top layer holds: whole clusters not allocated there read
+                // through to the backing image, which the target has too (QEMU scans
+                // the same way at the job's start, so its length counts only these).
+                let mut pos = 0;
+                while pos < len {
+                    // Called with the source drained (its gate held): no gate here.
+                    let status = source.block_status_in_request(pos, len - pos)?;
+                    let n = status.len.clamp(1, len - pos);
+                    if status.allocated {
+                        let start = pos / cluster_size * cluster_size;
+                        let end = (pos + n).div_ceil(cluster_size) * cluster_size;
+                        to_copy.set(start, end.min(len) - start).map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+                        })?;
+                    }
+                    pos += n;
+                }
+            }
             InitialCopy::Bitmap(bits) => {
                 for run in bits.dirty_runs(0) {
                     let end = run.end.min(len);
