@@ -130,6 +130,9 @@ fn run(kind: Kind, source: &Path, work: &Path, size: u64, round: u64) -> Times {
     Times { full, inc1, inc10 }
 }
 
+/// Picks one time out of a round's.
+type Measure = dyn Fn(&Times) -> f64;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -165,8 +168,8 @@ fn main() {
     }
     println!("{gib} GiB image, {rounds} rounds, median seconds");
     println!("{:<22} {:>10} {:>12} {:>8}", "measure", "qemu_s", "blockdelta_s", "ratio");
-    let pick = |i: usize, f: &dyn Fn(&Times) -> f64| median(results[i].1.iter().map(f).collect());
-    let measures: [(&str, &dyn Fn(&Times) -> f64); 3] =
+    let pick = |i: usize, f: &Measure| median(results[i].1.iter().map(f).collect());
+    let measures: [(&str, &Measure); 3] =
         [("full", &|t| t.full), ("incremental 1%", &|t| t.inc1), ("incremental 10%", &|t| t.inc10)];
     for (name, f) in measures {
         let (q, b) = (pick(0, f), pick(1, f));

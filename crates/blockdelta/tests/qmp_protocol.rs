@@ -161,7 +161,7 @@ fn export_commands_match_qemu() {
         ]
     };
     let all: Vec<Vec<(&str, Value)>> = sockets.iter().map(|s| steps(s)).collect();
-    for i in 0..all[0].len() {
+    for (i, (name, first_args)) in all[0].iter().enumerate() {
         let mut replies = Vec::new();
         for (k, d) in ds.iter_mut().enumerate() {
             let (command, args) = &all[k][i];
@@ -170,7 +170,7 @@ fn export_commands_match_qemu() {
                 d.qmp().wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10));
             }
         }
-        assert_eq!(replies[0], replies[1], "{} {}", all[0][i].0, all[0][i].1);
+        assert_eq!(replies[0], replies[1], "{name} {first_args}");
         let events: Vec<Vec<Value>> = ds
             .iter_mut()
             .map(|d| {
@@ -184,6 +184,6 @@ fn export_commands_match_qemu() {
                     .collect()
             })
             .collect();
-        assert_eq!(events[0], events[1], "events after {}", all[0][i].0);
+        assert_eq!(events[0], events[1], "events after {name}");
     }
 }
