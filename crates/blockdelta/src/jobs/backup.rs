@@ -16,7 +16,7 @@ use crate::block::graph::BlockGraph;
 use crate::block::node::Node;
 use crate::block::options::{OptionsError, OptionsReader, Syntax};
 
-use super::block_copy::{BlockCopy, CopyBeforeWrite, CopyError, InitialCopy};
+use super::block_copy::{BlockCopy, CopyBeforeWrite, CopyError, InitialCopy, MAX_CHUNK};
 use super::{ErrorAction, IoOperation, JobContext, JobDriver, JobError, JobFailure, OnError};
 
 /// The smallest job cluster (QEMU's block-copy default).
@@ -462,8 +462,16 @@ impl JobDriver for BackupJob {
                 while tasks.join_next().await.is_some() {}
                 return Ok(());
             }
-            while tasks.len() < workers.max(1) {
-                let Some(range) = backup.copy.claim_next() else { break };
+            // Rate-limited, one copy at a time, each waiting for the previous one's
+            // bytes to be paid for (QEMU's block-copy delays the next chunk the same
+            // way: a cancelled 64 KiB/s job has copied one chunk, not eight).
+            // With a speed, QEMU also copies one cluster per chunk (measured: 64 KiB
+            // after half a second at 64 KiB/s).
+            let limited = ctx.speed() > 0;
+            let allowed = if limited { 1 } else { workers.max(1) };
+            let chunk = if limited { backup.copy.cluster_size() } else { MAX_CHUNK };
+            while tasks.len() < allowed {
+                let Some(range) = backup.copy.claim_next_at_most(chunk) else { break };
                 let job = self.clone();
                 let len = range.end - range.start;
                 tasks.spawn(async move { (len, job.copy(range).await) });

@@ -167,8 +167,14 @@ impl BlockCopy {
     /// Claims the next run of clusters to copy in the background, at most
     /// [`MAX_CHUNK`] bytes; `None` when nothing is left to claim.
     pub fn claim_next(&self) -> Option<Range<u64>> {
+        self.claim_next_at_most(MAX_CHUNK)
+    }
+
+    /// [`claim_next`](Self::claim_next) with at most `max` bytes (rounded up to a
+    /// cluster).
+    pub fn claim_next_at_most(&self, max: u64) -> Option<Range<u64>> {
         let mut st = lock(&self.state);
-        let area = st.to_copy.next_dirty_area(0, self.len, MAX_CHUNK)?;
+        let area = st.to_copy.next_dirty_area(0, self.len, max.max(1))?;
         let start = area.start / self.cluster_size * self.cluster_size;
         let end = area.end.div_ceil(self.cluster_size) * self.cluster_size;
         let end = end.min(self.len);
