@@ -110,6 +110,27 @@ impl BlockCopy {
                 }
             }
         }
+        if skip_unallocated {
+            // QEMU's unallocated-cluster scan: the job's length (and progress) counts
+            // only what sync=top copies. Called drained, hence the in-request status.
+            let mut pos = 0;
+            while pos < len {
+                let status = source.block_status_in_request(pos, len - pos)?;
+                let n = status.len.clamp(1, len - pos);
+                if !status.allocated {
+                    // Only whole clusters: one allocated byte keeps its cluster.
+                    let start = pos.next_multiple_of(cluster_size);
+                    let end =
+                        if pos + n == len { len } else { (pos + n) / cluster_size * cluster_size };
+                    if end > start {
+                        to_copy.reset(start, end - start).map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+                        })?;
+                    }
+                }
+                pos += n;
+            }
+        }
         Ok(BlockCopy {
             source,
             target,
