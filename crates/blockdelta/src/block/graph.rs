@@ -117,11 +117,30 @@ impl BlockGraph {
     /// refused, as is a node that another node uses as a child. Returns the removed
     /// nodes, users first: the order in which to close them.
     pub fn remove(&self, name: &str, users: &[String]) -> Result<Vec<Arc<Node>>, RemoveError> {
+        self.remove_node(name, users, true)
+    }
+
+    /// Removes a node made by [`add_implicit`](Self::add_implicit) and its nested
+    /// children that nothing else uses, with the same checks as [`remove`](Self::remove).
+    pub fn remove_implicit(
+        &self,
+        name: &str,
+        users: &[String],
+    ) -> Result<Vec<Arc<Node>>, RemoveError> {
+        self.remove_node(name, users, false)
+    }
+
+    fn remove_node(
+        &self,
+        name: &str,
+        users: &[String],
+        monitor_owned: bool,
+    ) -> Result<Vec<Arc<Node>>, RemoveError> {
         let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
         let mut nodes = self.lock_nodes();
         let mut meta = self.lock_meta();
         let node = match nodes.get(name) {
-            Some(node) if meta.roots.contains(name) => node.clone(),
+            Some(node) if meta.roots.contains(name) == monitor_owned => node.clone(),
             _ => return Err(RemoveError::NotFound(name.to_string())),
         };
         if users.iter().any(|u| u == name) {
@@ -188,13 +207,32 @@ impl BlockGraph {
 
     /// Adds a node (and its nested children) from options; the root needs a node name.
     pub fn add(&self, options: Value, syntax: Syntax) -> Result<Arc<Node>, GraphError> {
+        self.add_root(options, syntax, true)
+    }
+
+    /// Adds a node that the daemon opens for its own use (QEMU's implicitly opened
+    /// nodes, such as `drive-backup`'s target): without a `node-name` it gets a
+    /// generated one (`#blockNNN`), and `blockdev-del` cannot remove it; remove it with
+    /// [`remove_implicit`](Self::remove_implicit).
+    pub fn add_implicit(&self, options: Value) -> Result<Arc<Node>, GraphError> {
+        self.add_root(options, Syntax::Json, false)
+    }
+
+    fn add_root(
+        &self,
+        options: Value,
+        syntax: Syntax,
+        monitor_owned: bool,
+    ) -> Result<Arc<Node>, GraphError> {
         let _adding = self.adding.lock().unwrap_or_else(PoisonError::into_inner);
         let before: Vec<String> = self.lock_nodes().keys().cloned().collect();
-        let result = self.open(options, syntax, "", Inherited::default());
+        // An implicit root without a name is named like a nested child.
+        let result = self.open(options, syntax, "", Inherited::default(), !monitor_owned);
         match &result {
-            Ok(node) => {
+            Ok(node) if monitor_owned => {
                 self.lock_meta().roots.insert(node.name().to_string());
             }
+            Ok(_) => {}
             Err(_) => {
                 // Nested children opened before the failure go too.
                 self.lock_nodes().retain(|name, _| before.contains(name));
@@ -214,6 +252,7 @@ impl BlockGraph {
         syntax: Syntax,
         prefix: &str,
         inherited: Inherited,
+        auto_name: bool,
     ) -> Result<Arc<Node>, GraphError> {
         let mut r = OptionsReader::new(options, prefix, syntax)?;
         let driver = r.require_str("driver")?;
@@ -225,7 +264,7 @@ impl BlockGraph {
                 return Err(OptionsError::InvalidNodeName(name).into());
             }
             Some(name) => name,
-            None if prefix.is_empty() => {
+            None if prefix.is_empty() && !auto_name => {
                 return Err(GraphError::Driver(
                     "'node-name' must be specified for the root node".into(),
                 ));
@@ -328,7 +367,7 @@ impl BlockGraph {
     ) -> Result<Arc<Node>, GraphError> {
         match value {
             Value::String(name) => self.find(&name).ok_or(GraphError::NodeNotFound(name)),
-            nested => self.open(nested, syntax, path, inherited),
+            nested => self.open(nested, syntax, path, inherited, true),
         }
     }
 }

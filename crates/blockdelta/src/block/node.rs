@@ -75,6 +75,12 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The backing file (path and format) when the backing image was opened from the
+    /// image's header rather than as a node of the graph.
+    fn backing_file(&self) -> Option<(PathBuf, String)> {
+        None
+    }
+
     /// How the driver stores persistent bitmaps, if it can (qcow2).
     fn bitmap_persistence(&self) -> Option<Arc<dyn BitmapPersistence>> {
         None
@@ -334,6 +340,12 @@ impl Node {
     /// this chain).
     pub fn backing_node(&self) -> Option<Arc<Node>> {
         self.driver.backing_node()
+    }
+
+    /// The backing file (path and format) when the backing image was opened from the
+    /// image's header rather than as a node of the graph.
+    pub fn backing_file(&self) -> Option<(PathBuf, String)> {
+        self.driver.backing_file()
     }
 
     /// The nodes this one uses.

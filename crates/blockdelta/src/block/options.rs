@@ -253,7 +253,9 @@ impl OptionsReader {
         if choices.contains(&value.as_str()) {
             Ok(Some(value))
         } else {
-            Err(OptionsError::BadValue { key: self.path(key), value })
+            // QEMU's enum visitor names the member alone, without its path
+            // (`file.locking=bogus` -> `Parameter 'locking' …`).
+            Err(OptionsError::BadValue { key: key.to_string(), value })
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Qcow2Driver {
     persistence: Arc<Qcow2Persistence>,
     /// The backing node, when the backing image is a node of the graph.
     backing_node: Option<Arc<Node>>,
+    /// The backing file opened from the header (resolved path and format), when the
+    /// backing image is not a node of the graph.
+    backing_file: Option<(PathBuf, String)>,
 }
 
 /// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
@@ -142,6 +145,7 @@ impl Qcow2Driver {
                 .map_err(|e| e.to_string())?;
         let mut options = OpenOptions { writable, ..OpenOptions::default() };
         let mut backing_node = None;
+        let mut backing_file = None;
         match backing {
             Backing::None => options.ignore_backing = true,
             Backing::Node(node) => {
@@ -155,6 +159,17 @@ impl Qcow2Driver {
                     let chain = backing::open_file_chain(&path, header.backing_format(), false)
                         .map_err(|e| format!("Could not open backing file: {e}"))?;
                     options.backing = Some(chain);
+                    // The format as the chain was opened: named in the header, else
+                    // probed (qcow2 magic or raw).
+                    let format = header.backing_format().map(str::to_string).unwrap_or_else(|| {
+                        let mut magic = [0u8; 4];
+                        let qcow2 = std::fs::File::open(&path)
+                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                            .is_ok()
+                            && u32::from_be_bytes(magic) == qcow2::header::MAGIC;
+                        if qcow2 { "qcow2" } else { "raw" }.to_string()
+                    });
+                    backing_file = Some((path, format));
                 }
             }
         }
@@ -167,7 +182,14 @@ impl Qcow2Driver {
             cluster_size: header.cluster_size(),
             image: image.clone(),
         });
-        Ok(Qcow2Driver { image, file, loaded: Mutex::new(loaded), persistence, backing_node })
+        Ok(Qcow2Driver {
+            image,
+            file,
+            loaded: Mutex::new(loaded),
+            persistence,
+            backing_node,
+            backing_file,
+        })
     }
 
     /// The image.
@@ -249,6 +271,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn backing_node(&self) -> Option<Arc<Node>> {
         self.backing_node.clone()
+    }
+
+    fn backing_file(&self) -> Option<(PathBuf, String)> {
+        self.backing_file.clone()
     }
 
     fn cluster_size(&self) -> Option<u64> {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::drive_backup::{DriveBackupJob, OwnedTarget};
 use super::protocol::{ErrorClass, QmpError};
 use super::{Qmp, finish, generic, reader};
 use crate::jobs::backup::{Backup, BackupJob, BackupOptions};
@@ -13,6 +14,7 @@ use crate::jobs::{Job, JobError, JobOptions, JobType};
 /// The commands of this module.
 pub(super) const COMMANDS: &[&str] = &[
     "blockdev-backup",
+    "drive-backup",
     "query-jobs",
     "query-block-jobs",
     "job-pause",
@@ -45,11 +47,13 @@ pub(super) struct PreparedBackup {
     pub(super) job: Job,
 }
 
-/// Creates a backup job (not started) from `blockdev-backup` arguments.
+/// Creates a backup job (not started) from `blockdev-backup` arguments. With `owned`
+/// (`drive-backup`), the job removes its target node when it is cleaned up.
 pub(super) fn create_backup(
     qmp: &Qmp,
     options: BackupOptions,
     txn: Option<crate::jobs::JobTxn>,
+    owned: Option<OwnedTarget>,
 ) -> Result<PreparedBackup, QmpError> {
     let jobs = qmp.jobs();
     let backup =
@@ -67,7 +71,12 @@ pub(super) fn create_backup(
     opts.on_target_error = o.on_target_error;
     opts.nodes = vec![o.device.clone(), o.target.clone()];
     let backup = Arc::new(backup);
-    match jobs.create(opts, BackupJob(backup.clone())) {
+    let job = BackupJob(backup.clone());
+    let created = match owned {
+        None => jobs.create(opts, job),
+        Some(target) => jobs.create(opts, DriveBackupJob { inner: job, target }),
+    };
+    match created {
         Ok(job) => Ok(PreparedBackup { job }),
         Err(e) => {
             // Nothing ran: undo the freeze and the copy-before-write step.
@@ -94,7 +103,17 @@ async fn run(qmp: &Qmp, command: &str, args: Value) -> Result<Value, QmpError> {
             // QEMU creates and starts the job inside a drained section (which also
             // gives running jobs their paused/running pair).
             let mut drain = jobs.drain_all().await;
-            let prepared = create_backup(qmp, options, None)?;
+            let prepared = create_backup(qmp, options, None, None)?;
+            drain.include(&prepared.job);
+            prepared.job.start().map_err(job_error)?;
+            drop(drain);
+            Ok(json!({}))
+        }
+        "drive-backup" => {
+            let args = super::drive_backup::parse(args, "")?;
+            // As for blockdev-backup; QEMU also creates and opens the target drained.
+            let mut drain = jobs.drain_all().await;
+            let prepared = super::drive_backup::prepare(qmp, args, None)?;
             drain.include(&prepared.job);
             prepared.job.start().map_err(job_error)?;
             drop(drain);

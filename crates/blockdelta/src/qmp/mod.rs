@@ -4,6 +4,7 @@
 
 mod bitmap_commands;
 mod block_commands;
+mod drive_backup;
 mod job_commands;
 pub mod monitor;
 pub mod protocol;

@@ -173,6 +173,7 @@ pub(super) async fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
 /// An action with its arguments read.
 enum Action {
     Backup(Box<BackupOptions>),
+    DriveBackup(Box<super::drive_backup::DriveBackupArgs>),
     Abort,
     Add(String, AddBitmap),
     Remove(String, String),
@@ -217,6 +218,7 @@ fn parse_action(kind: &str, data: Value, at: &str) -> Result<Action, QmpError> {
             let options = BackupOptions::from_value_at(data, at).map_err(generic)?;
             Action::Backup(Box::new(options))
         }
+        "drive-backup" => Action::DriveBackup(Box::new(super::drive_backup::parse(data, at)?)),
         other => Action::Unsupported(other.to_string()),
     })
 }
@@ -225,7 +227,10 @@ fn prepare(qmp: &Qmp, action: Action, txn: Option<JobTxn>) -> Result<Option<Prep
     let graph = qmp.graph();
     Ok(Some(match action {
         Action::Backup(options) => {
-            Prepared::Backup(super::job_commands::create_backup(qmp, *options, txn)?.job)
+            Prepared::Backup(super::job_commands::create_backup(qmp, *options, txn, None)?.job)
+        }
+        Action::DriveBackup(args) => {
+            Prepared::Backup(super::drive_backup::prepare(qmp, *args, txn)?.job)
         }
         Action::Abort => {
             return Err(QmpError::generic("Transaction aborted using Abort action"));
