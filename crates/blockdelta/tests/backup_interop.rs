@@ -341,3 +341,25 @@ fn rate_limited_backup_cancelled_matches_qemu() {
     // Everything but the first cluster is still to copy.
     assert_eq!(bm0["count"], (64 << 20) - 65536, "{bm0}");
 }
+
+/// A drive-backup target is closed at finalize: with auto-dismiss off, the concluded
+/// job no longer holds the target's lock, so other programs can open it (QEMU releases it
+/// at finalize too).
+#[test]
+fn finished_drive_backup_releases_its_target() {
+    let root = tempfile::tempdir().unwrap();
+    let [_, mut b] = both(root.path());
+    let target = b.image("drive.qcow2");
+    let r = b.reply(
+        "drive-backup",
+        json!({"job-id": "d0", "device": "disk0", "target": target.to_str().unwrap(),
+               "sync": "full", "format": "qcow2", "auto-dismiss": false}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    b.wait_event("BLOCK_JOB_COMPLETED");
+    let jobs = b.reply("query-jobs", json!({}));
+    assert_eq!(jobs["return"][0]["status"], "concluded", "{jobs}");
+    // Without -U: this fails while any process holds the image's write lock.
+    qemu_img(["info", target.to_str().unwrap()]).unwrap();
+    qemu_img(["check", target.to_str().unwrap()]).unwrap();
+}

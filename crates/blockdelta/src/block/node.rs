@@ -396,7 +396,13 @@ impl Node {
         if !self.options.read_only {
             self.bitmaps.store_persistent().map_err(|e| io::Error::other(e.to_string()))?;
         }
-        self.flush_blocking()
+        self.flush_blocking()?;
+        // Closed: the image is free for other programs even if a reference to this node
+        // (a finished job's) outlives the close.
+        match self.driver.storage() {
+            Some(storage) => storage.release_locks(),
+            None => Ok(()),
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset` if that cannot block (everything it needs is

@@ -444,6 +444,10 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn release_locks(&self) -> io::Result<()> {
+        self.set_locking(Locking::Off)
+    }
+
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         if self.direct.is_some() || buf.is_empty() {
             return Ok(buf.is_empty());

@@ -55,6 +55,12 @@ pub trait Storage: Send + Sync {
 
     /// Truncates or extends (with zeroes) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Drops any image locks held (the storage is being closed; other programs may open
+    /// the file at once, even while this handle lives on a little longer).
+    fn release_locks(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Forwards every method, so that shared (`Arc<MemStorage>`: a crash test keeps a handle
@@ -69,6 +75,10 @@ macro_rules! forward_storage {
 
             fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
                 (**self).read_at_nowait(buf, offset)
+            }
+
+            fn release_locks(&self) -> io::Result<()> {
+                (**self).release_locks()
             }
 
             fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
