@@ -431,6 +431,20 @@ impl BackupJob {
     }
 }
 
+/// Waits for the copies still in flight when the job stops (error or cancel), counting
+/// those that succeed in the progress: QEMU's block-copy lets its running tasks finish
+/// and counts each that succeeds, so its final `offset` includes them.
+async fn settle_in_flight(
+    tasks: &mut tokio::task::JoinSet<(u64, Result<(), CopyError>)>,
+    ctx: &JobContext,
+) {
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((len, Ok(()))) = joined {
+            ctx.add_progress(len);
+        }
+    }
+}
+
 impl JobDriver for BackupJob {
     /// Workers claim runs of clusters and copy them (several at once) until none is
     /// left, meeting pause points, noticing cancellation, obeying the rate limit and the
@@ -449,7 +463,7 @@ impl JobDriver for BackupJob {
         loop {
             ctx.pause_point().await;
             if ctx.is_cancelled() {
-                while tasks.join_next().await.is_some() {}
+                settle_in_flight(&mut tasks, ctx).await;
                 return Ok(());
             }
             while tasks.len() < workers.max(1) {
@@ -465,16 +479,19 @@ impl JobDriver for BackupJob {
                     ctx.add_progress(len);
                     ctx.rate_limit(len).await;
                 }
-                Err(e) => match ctx.error_action(e.operation, &e.source) {
-                    // The failed clusters went back into the copy bitmap: a retry
-                    // claims them again.
-                    ErrorAction::Ignore => {}
-                    ErrorAction::Stop => ctx.pause_point().await,
-                    _ => {
-                        while tasks.join_next().await.is_some() {}
-                        return Err(JobFailure::io(&e.source));
+                Err(e) => {
+                    // As QEMU's block-copy call: no new copies after a failure; the
+                    // running ones finish (and count) before the error policy acts, so
+                    // a stopped job shows their progress while paused.
+                    settle_in_flight(&mut tasks, ctx).await;
+                    match ctx.error_action(e.operation, &e.source) {
+                        // The failed clusters went back into the copy bitmap: a retry
+                        // claims them again.
+                        ErrorAction::Ignore => {}
+                        ErrorAction::Stop => ctx.pause_point().await,
+                        _ => return Err(JobFailure::io(&e.source)),
                     }
-                },
+                }
             }
         }
     }
