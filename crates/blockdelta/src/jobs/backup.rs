@@ -426,6 +426,7 @@ impl BackupJob {
             Err(e) => Err(CopyError {
                 operation: IoOperation::Read,
                 source: io::Error::other(format!("copy task failed: {e}")),
+                copied: 0,
             }),
         }
     }
@@ -439,8 +440,10 @@ async fn settle_in_flight(
     ctx: &JobContext,
 ) {
     while let Some(joined) = tasks.join_next().await {
-        if let Ok((len, Ok(()))) = joined {
-            ctx.add_progress(len);
+        match joined {
+            Ok((len, Ok(()))) => ctx.add_progress(len),
+            Ok((_, Err(e))) => ctx.add_progress(e.copied),
+            Err(_) => {}
         }
     }
 }
@@ -480,6 +483,7 @@ impl JobDriver for BackupJob {
                     ctx.rate_limit(len).await;
                 }
                 Err(e) => {
+                    ctx.add_progress(e.copied);
                     // As QEMU's block-copy call: no new copies after a failure; the
                     // running ones finish (and count) before the error policy acts, so
                     // a stopped job shows their progress while paused.
