@@ -1098,3 +1098,147 @@ fn iotest257_backup_api() {
     assert_eq!(pair.bitmap("drive0", "bitmap0")["busy"], false);
     pair.quit();
 }
+
+// ---- a target that fills up ----
+
+/// A small tmpfs mounted for a test; unmounted when dropped (also on a panic).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` at `path`. The tests run as root; a failure is the
+    /// test's failure, not a skip.
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs at {} failed (this test needs root to mount a small file \
+             system): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(&self.0).status().is_ok_and(|s| s.success())
+        };
+        // A daemon killed by a failing test may still hold a file open for a moment.
+        if !umount(false) {
+            umount(true);
+        }
+    }
+}
+
+/// An incremental whose target's file system fills up: both daemons report the write
+/// error (`BLOCK_JOB_ERROR` write/report, `BLOCK_JOB_COMPLETED` with "No space left on
+/// device") the same way, the bitmap is reclaimed whole, and a retry to a target with
+/// room holds every write since the last good backup (the anchor).
+#[test]
+fn enospc_on_target_reclaims_and_retry_holds_every_write() {
+    let root = tempfile::tempdir().unwrap();
+    let refs = root.path();
+    let mounts = std::cell::RefCell::new(Vec::new());
+    let mut blockdevs: Vec<String> = qcow2_node("drive0").into();
+    blockdevs.extend(qcow2_node("t0"));
+    blockdevs.extend(qcow2_node("big"));
+    blockdevs.push("driver=file,node-name=small-file,filename={DIR}/small/small.qcow2".into());
+    blockdevs.push("driver=qcow2,node-name=small,file=small-file".into());
+    let setup = Setup { blockdevs, exports: vec![("drive0".into(), "drive0".into())] };
+    let mut pair = Pair::start(
+        refs,
+        |dir| {
+            let d = dir.join("drive0.qcow2");
+            create_qcow2(&d, "64M", None);
+            write_offline(&d, "qcow2", &mut Model::new(SIZE), &PATTERN0);
+            create_qcow2(&dir.join("t0.qcow2"), "64M", None);
+            create_qcow2(&dir.join("big.qcow2"), "64M", None);
+            // Room for the empty image and a few clusters, not for the incremental.
+            mounts.borrow_mut().push(Tmpfs::mount(&dir.join("small"), "768k"));
+            create_qcow2(&dir.join("small/small.qcow2"), "64M", None);
+        },
+        &setup,
+    );
+    let mut model = Model::new(SIZE);
+    for &(p, off, len) in &PATTERN0 {
+        model.write(p, off, len);
+    }
+    let mut list = Vec::new();
+
+    // The anchor: a new bitmap and a full backup, atomically.
+    pair.ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "drive0", "name": "bitmap0"}},
+            {"type": "blockdev-backup", "data": backup_args("j0", "drive0", "t0", "full", None)},
+        ]}),
+    );
+    pair.wait_job("j0", &["null"]);
+    assert_completed(&pair.same_events("anchor"));
+    expect(refs, &mut list, "t0.qcow2", None, &model, "r0.raw");
+
+    // 2 MiB of data in four places: more than the small file system holds.
+    let writes: Vec<(u8, u64, u64)> =
+        (0..4).map(|i| (0x30 + i as u8, i * 16 * MIB + 3 * MIB, 512 * KIB)).collect();
+    pair.write("drive0", &mut model, &writes);
+    let before = pair.bitmap("drive0", "bitmap0");
+    assert_eq!(before["count"], 2 * MIB);
+
+    let events = run_backup(
+        &mut pair,
+        one_worker(backup_args("j1", "drive0", "small", "incremental", Some("bitmap0"))),
+    );
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR",
+            "data": {"device": "j1", "operation": "write", "action": "report"}})),
+        "{events:?}"
+    );
+    let end = end_event(&events);
+    assert_eq!(end["event"], "BLOCK_JOB_COMPLETED", "{end}");
+    assert_eq!(end["data"]["error"], "No space left on device", "{end}");
+    assert!(end["data"]["offset"].as_u64().unwrap() < 2 * MIB, "{end}");
+    assert_eq!(pair.bitmap("drive0", "bitmap0"), before, "reclaimed");
+
+    // With on-target-error=enospc the job stops instead (io-status nospace): the errno
+    // must survive the qcow2 file layer for the policy to see it. Cancelled, it reclaims.
+    let mut args =
+        one_worker(backup_args("j1b", "drive0", "small", "incremental", Some("bitmap0")));
+    args["on-target-error"] = "enospc".into();
+    pair.ok("blockdev-backup", args);
+    pair.wait_job("j1b", &["paused"]);
+    let events = pair.same_events("enospc policy");
+    assert!(
+        events.contains(&json!({"event": "BLOCK_JOB_ERROR",
+            "data": {"device": "j1b", "operation": "write", "action": "stop"}})),
+        "{events:?}"
+    );
+    let jobs = pair.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["io-status"], "nospace", "{jobs}");
+    pair.ok("job-cancel", json!({"id": "j1b"}));
+    pair.wait_job("j1b", &["null"]);
+    assert_eq!(end_event(&pair.same_events("enospc cancel"))["event"], "BLOCK_JOB_CANCELLED");
+    assert_eq!(pair.bitmap("drive0", "bitmap0"), before, "reclaimed after the cancel");
+
+    // More writes, then the retry to a target with room.
+    pair.write("drive0", &mut model, &WRITES_A);
+    assert_completed(&run_backup(
+        &mut pair,
+        backup_args("j2", "drive0", "big", "incremental", Some("bitmap0")),
+    ));
+    assert_eq!(pair.bitmap("drive0", "bitmap0")["count"], 0);
+    expect(refs, &mut list, "big.qcow2", Some("t0.qcow2"), &model, "r2.raw");
+    let dirs = pair.quit();
+    check_backups(&dirs, refs, &list);
+    drop(mounts);
+}
