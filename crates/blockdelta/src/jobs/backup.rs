@@ -426,18 +426,26 @@ impl BackupJob {
             Err(e) => Err(CopyError {
                 operation: IoOperation::Read,
                 source: io::Error::other(format!("copy task failed: {e}")),
+                copied: 0,
             }),
         }
     }
 }
 
-/// Brings the job's progress up to the copy's: done bytes (background and
-/// copy-before-write) and the remaining work.
+/// Brings the job's progress up to the copy's: done bytes (background, partial chunks
+/// up to their last whole cluster, and copy-before-write) and the remaining work.
 fn report_progress(ctx: &JobContext, copy: &BlockCopy, reported: &mut u64) {
     let done = copy.done();
     ctx.add_progress(done.saturating_sub(*reported));
     *reported = done.max(*reported);
     ctx.set_remaining(copy.remaining());
+}
+
+/// Waits for the copies still in flight when the job stops (error or cancel): QEMU's
+/// block-copy lets its running tasks finish and counts each that succeeds, so its final
+/// `offset` includes them. The caller reports the progress afterwards.
+async fn settle_in_flight(tasks: &mut tokio::task::JoinSet<(u64, Result<(), CopyError>)>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 impl JobDriver for BackupJob {
@@ -459,7 +467,8 @@ impl JobDriver for BackupJob {
         loop {
             ctx.pause_point().await;
             if ctx.is_cancelled() {
-                while tasks.join_next().await.is_some() {}
+                settle_in_flight(&mut tasks).await;
+                report_progress(ctx, &backup.copy, &mut reported);
                 return Ok(());
             }
             // Rate-limited, one copy at a time, each waiting for the previous one's
@@ -485,16 +494,20 @@ impl JobDriver for BackupJob {
             report_progress(ctx, &backup.copy, &mut reported);
             match result {
                 Ok(()) => ctx.rate_limit(len).await,
-                Err(e) => match ctx.error_action(e.operation, &e.source) {
-                    // The failed clusters went back into the copy bitmap: a retry
-                    // claims them again.
-                    ErrorAction::Ignore => {}
-                    ErrorAction::Stop => ctx.pause_point().await,
-                    _ => {
-                        while tasks.join_next().await.is_some() {}
-                        return Err(JobFailure::io(&e.source));
+                Err(e) => {
+                    // As QEMU's block-copy call: no new copies after a failure; the
+                    // running ones finish (and count) before the error policy acts, so
+                    // a stopped job shows their progress while paused.
+                    settle_in_flight(&mut tasks).await;
+                    report_progress(ctx, &backup.copy, &mut reported);
+                    match ctx.error_action(e.operation, &e.source) {
+                        // The failed clusters went back into the copy bitmap: a retry
+                        // claims them again.
+                        ErrorAction::Ignore => {}
+                        ErrorAction::Stop => ctx.pause_point().await,
+                        _ => return Err(JobFailure::io(&e.source)),
                     }
-                },
+                }
             }
         }
     }

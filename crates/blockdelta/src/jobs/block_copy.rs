@@ -23,7 +23,7 @@ use crate::block::node::{BeforeWrite, Node, ZeroFlags};
 /// Largest run of clusters one background copy takes at once.
 pub const MAX_CHUNK: u64 = 1 << 20;
 
-/// A failed copy: the side and the I/O error.
+/// A failed copy: the side, the I/O error, and how much of the range was copied first.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", crate::block::graph::strerror(.source))]
 pub struct CopyError {
@@ -31,6 +31,10 @@ pub struct CopyError {
     pub operation: IoOperation,
     /// The error.
     pub source: io::Error,
+    /// Bytes at the start of the range (whole clusters) that reached the target before
+    /// the failure: they stay copied and count as progress, as QEMU's block-copy, whose
+    /// tasks each cover one run of equal block status, keeps the tasks that succeeded.
+    pub copied: u64,
 }
 
 impl From<CopyError> for io::Error {
@@ -40,7 +44,7 @@ impl From<CopyError> for io::Error {
 }
 
 fn on(operation: IoOperation) -> impl Fn(io::Error) -> CopyError {
-    move |source| CopyError { operation, source }
+    move |source| CopyError { operation, source, copied: 0 }
 }
 
 /// What the copy bitmap starts with.
@@ -100,19 +104,19 @@ impl BlockCopy {
         let skip_unallocated = matches!(initial, InitialCopy::AllocatedInTop);
         match initial {
             InitialCopy::All => to_copy.set_all(),
+            // As QEMU's scan at job start: a cluster stays only if some of it is
+            // allocated in the top layer (set rounds outward), so the job's length is
+            // the allocated bytes and a failed bitmap-mode=always job hands back only
+            // allocated clusters.
             InitialCopy::AllocatedInTop => {
-                // Only what the top layer holds: whole clusters not allocated there read
-                // through to the backing image, which the target has too (QEMU scans
-                // the same way at the job's start, so its length counts only these).
+                // Called while the source is drained (the gate held): query as a
+                // request does.
                 let mut pos = 0;
                 while pos < len {
-                    // Called with the source drained (its gate held): no gate here.
                     let status = source.block_status_in_request(pos, len - pos)?;
                     let n = status.len.clamp(1, len - pos);
                     if status.allocated {
-                        let start = pos / cluster_size * cluster_size;
-                        let end = (pos + n).div_ceil(cluster_size) * cluster_size;
-                        to_copy.set(start, end.min(len) - start).map_err(|e| {
+                        to_copy.set(pos, n).map_err(|e| {
                             io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
                         })?;
                     }
@@ -196,8 +200,10 @@ impl BlockCopy {
         }
         match &result {
             Ok(()) => st.done += range.end - range.start,
-            Err(_) => {
-                let _ = st.to_copy.set(range.start, range.end - range.start);
+            Err(e) => {
+                st.done += e.copied;
+                let failed = range.start + e.copied;
+                let _ = st.to_copy.set(failed, range.end - failed);
             }
         }
         drop(st);
@@ -209,40 +215,55 @@ impl BlockCopy {
     /// zeroes are written as zeroes (no allocation on the target); with sync=top,
     /// areas not allocated in the source's top layer are skipped.
     fn copy_range(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
-        let (read, write) = (on(IoOperation::Read), on(IoOperation::Write));
         let mut pos = range.start;
+        self.copy_from(range.clone(), &mut pos, inside_request).map_err(|mut e| {
+            // Whole clusters before the failing position are on the target.
+            e.copied = (pos - range.start) / self.cluster_size * self.cluster_size;
+            e
+        })
+    }
+
+    /// The copy loop of [`BlockCopy::copy_range`]; `pos` tells where it stopped.
+    fn copy_from(
+        &self,
+        range: Range<u64>,
+        pos: &mut u64,
+        inside_request: bool,
+    ) -> Result<(), CopyError> {
+        let (read, write) = (on(IoOperation::Read), on(IoOperation::Write));
         let mut buf = Vec::new();
-        while pos < range.end {
+        while *pos < range.end {
+            let at = *pos;
             let status = if inside_request {
-                self.source.block_status_in_request(pos, range.end - pos)
+                self.source.block_status_in_request(at, range.end - at)
             } else {
-                self.source.block_status_blocking(pos, range.end - pos)
+                self.source.block_status_blocking(at, range.end - at)
             }
             .map_err(&read)?;
-            let n = status.len.clamp(1, range.end - pos);
+            let n = status.len.clamp(1, range.end - at);
             if self.skip_unallocated && !status.allocated {
-                pos += n;
+                *pos += n;
                 continue;
             }
             if status.zero && !status.data {
-                self.target.write_zeroes_blocking(pos, n, ZeroFlags::default()).map_err(&write)?;
+                self.target.write_zeroes_blocking(at, n, ZeroFlags::default()).map_err(&write)?;
             } else {
                 buf.resize(n as usize, 0);
                 if inside_request {
-                    self.source.read_in_request(&mut buf, pos)
+                    self.source.read_in_request(&mut buf, at)
                 } else {
-                    self.source.read_blocking(&mut buf, pos)
+                    self.source.read_blocking(&mut buf, at)
                 }
                 .map_err(&read)?;
                 if buf.iter().all(|&b| b == 0) {
                     self.target
-                        .write_zeroes_blocking(pos, n, ZeroFlags::default())
+                        .write_zeroes_blocking(at, n, ZeroFlags::default())
                         .map_err(&write)?;
                 } else {
-                    self.target.write_blocking(&buf, pos, false).map_err(&write)?;
+                    self.target.write_blocking(&buf, at, false).map_err(&write)?;
                 }
             }
-            pos += n;
+            *pos += n;
         }
         Ok(())
     }

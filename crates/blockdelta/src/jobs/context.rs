@@ -219,7 +219,7 @@ impl JobContext {
     ///   ENOSPC); call [`pause_point`](JobContext::pause_point), which returns after
     ///   `job-resume` (or a cancel), then retry unless cancelled.
     pub fn error_action(&self, op: IoOperation, err: &io::Error) -> ErrorAction {
-        let errno = err.raw_os_error();
+        let errno = super::error::errno(err);
         let mut st = self.shared.lock();
         let Some(j) = st.jobs.get_mut(&self.key) else { return ErrorAction::Report };
         let policy = match op {

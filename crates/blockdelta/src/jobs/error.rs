@@ -78,6 +78,23 @@ pub struct JobFailure {
     errno: Option<i32>,
 }
 
+/// The errno behind an I/O error: its own, or that of an I/O error it wraps (storage
+/// errors carry the file and the operation around the OS error).
+pub(crate) fn errno(err: &io::Error) -> Option<i32> {
+    if let Some(code) = err.raw_os_error() {
+        return Some(code);
+    }
+    let mut inner: Option<&(dyn std::error::Error + 'static)> =
+        err.get_ref().map(|e| e as &(dyn std::error::Error + 'static));
+    while let Some(e) = inner {
+        if let Some(code) = e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
+            return Some(code);
+        }
+        inner = e.source();
+    }
+    None
+}
+
 /// ECANCELED on Linux: a cancelled job's result.
 const ECANCELED: i32 = 125;
 
@@ -90,7 +107,7 @@ impl JobFailure {
     /// A failure from an I/O error: the message is the C library's text for its errno
     /// (`Input/output error`), as QEMU reports a job that ended with `-errno`.
     pub fn io(err: &io::Error) -> Self {
-        match err.raw_os_error() {
+        match errno(err) {
             Some(errno) => JobFailure { message: strerror(errno), errno: Some(errno) },
             None => JobFailure { message: err.to_string(), errno: None },
         }

@@ -288,7 +288,8 @@ impl FileStorage {
     }
 
     fn error(&self, what: &str, e: io::Error) -> io::Error {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", self.path.display()))
+        let context = format!("{what} {}", self.path.display());
+        io::Error::new(e.kind(), Contextual { context, source: e })
     }
 
     /// Reads at `offset` until `buf` is full or the file ends; the rest is zeroed.
@@ -533,5 +534,26 @@ impl Storage for FileStorage {
         self.check_writable()?;
         let _guard = self.exclusive();
         self.file.set_len(len).map_err(|e| self.error("cannot resize", e))
+    }
+}
+
+/// An OS error with what was being done to which file. The OS error stays reachable as
+/// the `source`, so that callers can still find its errno (QEMU reports and acts on
+/// errnos: a job's error text, the `enospc` error policy).
+#[derive(Debug)]
+struct Contextual {
+    context: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for Contextual {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.context, self.source)
+    }
+}
+
+impl std::error::Error for Contextual {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
