@@ -166,7 +166,8 @@ fn main() {
     println!("{gib} GiB image, {rounds} rounds, median seconds");
     println!("{:<22} {:>10} {:>12} {:>8}", "measure", "qemu_s", "blockdelta_s", "ratio");
     let pick = |i: usize, f: &dyn Fn(&Times) -> f64| median(results[i].1.iter().map(f).collect());
-    let measures: [(&str, &dyn Fn(&Times) -> f64); 3] =
+    type Measure<'a> = (&'a str, &'a dyn Fn(&Times) -> f64);
+    let measures: [Measure; 3] =
         [("full", &|t| t.full), ("incremental 1%", &|t| t.inc1), ("incremental 10%", &|t| t.inc10)];
     for (name, f) in measures {
         let (q, b) = (pick(0, f), pick(1, f));

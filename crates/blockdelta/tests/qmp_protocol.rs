@@ -161,6 +161,8 @@ fn export_commands_match_qemu() {
         ]
     };
     let all: Vec<Vec<(&str, Value)>> = sockets.iter().map(|s| steps(s)).collect();
+    // `i` indexes the step of every daemon's list at once.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..all[0].len() {
         let mut replies = Vec::new();
         for (k, d) in ds.iter_mut().enumerate() {
