@@ -135,7 +135,7 @@ pub fn restore(
             let recorded = &top.manifest.checksums[r as usize];
             if &computed != recorded {
                 return Err(RepoError::Checksum {
-                    path: top.image_path.clone(),
+                    path: first_bad_layer(&chain, r).unwrap_or_else(|| top.image_path.clone()),
                     start: r * hash::RANGE,
                     end: ((r + 1) * hash::RANGE).min(size),
                     recorded: recorded.clone(),
@@ -170,4 +170,20 @@ pub fn restore(
         backup: top,
         bytes_written: written,
     })
+}
+
+/// The image of the oldest backup in `chain` whose range `r` no longer matches its own
+/// recorded checksum: where the damage is, when a restore through the chain finds a
+/// mismatch.
+fn first_bad_layer(chain: &[Backup], r: u64) -> Option<PathBuf> {
+    for b in chain {
+        let image = Qcow2Image::open_path(&b.image_path, false).ok()?;
+        let leaves =
+            hash::hash_image_range(&image, &b.image_path, r, &super::NoProgress, |_, _| Ok(()))
+                .ok()?;
+        if hash::hex(&hash::range_hash(&leaves)) != b.manifest.checksums[r as usize] {
+            return Some(b.image_path.clone());
+        }
+    }
+    None
 }
