@@ -45,7 +45,7 @@ fn s(p: &Path) -> &str {
 
 /// An NBD server exporting `image` (qcow2) read-only as export `disk0` with `bitmaps`.
 enum Server {
-    Daemon(StorageDaemon),
+    Daemon(Box<StorageDaemon>),
     Nbd(Child),
 }
 
@@ -101,7 +101,7 @@ fn serve(kind: Kind, dir: &Path, image: &Path, bitmap: Option<&str>) -> Running 
                 .start()
                 .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
             Running {
-                server: Some(Server::Daemon(d)),
+                server: Some(Server::Daemon(Box::new(d))),
                 uri: format!("nbd+unix:///disk0?socket={}", s(&socket)),
             }
         }
