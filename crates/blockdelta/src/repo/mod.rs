@@ -99,7 +99,9 @@ pub(crate) fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error
 /// Receives progress reports (bytes done out of a total). The default methods do
 /// nothing, so callers that do not show progress pass [`NoProgress`].
 pub trait Progress: Sync {
-    /// A new phase begins, with `total` bytes to do.
+    /// A phase begins, with `total` bytes to do; called again with the same phase when
+    /// the total grows (a backup learns its extents one window at a time), which keeps
+    /// the bytes done so far.
     fn start(&self, phase: &str, total: u64) {
         let _ = (phase, total);
     }

@@ -379,7 +379,6 @@ pub async fn pull_backup(
             let planned: u64 = copy.iter().map(|&(_, l)| l).sum();
             total_planned += planned;
             progress.start("backup", total_planned);
-            progress.advance(bytes_read);
             client
                 .read_many(reqs, opts.depth, |off, data| {
                     let tx = tx.clone();
