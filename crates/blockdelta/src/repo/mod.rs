@@ -35,14 +35,16 @@ pub use manifest::{BackupKind, Manifest};
 #[non_exhaustive]
 pub enum RepoError {
     /// A file operation failed.
-    #[error("{}: {action}: {source}", path.display())]
+    // The OS error is part of the text and deliberately not a `#[source]`: printers
+    // of error chains would say it twice.
+    #[error("{}: {action}: {error}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// What was being done.
         action: &'static str,
         /// The OS error.
-        source: io::Error,
+        error: io::Error,
     },
     /// A manifest is unreadable or inconsistent.
     #[error("{}: corrupted manifest: {reason}", path.display())]
@@ -93,7 +95,7 @@ pub type Result<T> = std::result::Result<T, RepoError>;
 
 pub(crate) fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> RepoError {
     let path = path.to_path_buf();
-    move |source| RepoError::Io { path, action, source }
+    move |error| RepoError::Io { path, action, error }
 }
 
 /// Receives progress reports (bytes done out of a total). The default methods do
