@@ -6,3 +6,4 @@ pub mod block;
 pub mod export;
 pub mod jobs;
 pub mod qmp;
+pub mod repo;

@@ -9,10 +9,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::codec::{
-    self, CodecError, Extent, Info, InfoRequest, MetaContextRequest, OptionHeader,
+    self, BlockSize, CodecError, Extent, Info, InfoRequest, MetaContextRequest, OptionHeader,
     OptionReplyHeader, ReplyHeader, Request,
 };
 use crate::proto::*;
+use crate::uri::{NbdUri, Stream, Target};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +71,27 @@ pub struct Client<S> {
     structured: bool,
     contexts: Vec<(u32, String)>,
     cookie: u64,
+    block_size: Option<BlockSize>,
 }
 
 impl Client<UnixStream> {
     /// Connects to a unix socket and negotiates.
     pub async fn connect_unix(path: &Path, options: &ClientOptions) -> Result<Self> {
         Self::handshake(UnixStream::connect(path).await?, options).await
+    }
+}
+
+impl Client<Stream> {
+    /// Connects to `target` (unix socket or TCP) and negotiates.
+    pub async fn connect(target: &Target, options: &ClientOptions) -> Result<Self> {
+        Self::handshake(Stream::connect(target).await?, options).await
+    }
+
+    /// Connects to the server and export of an NBD URI (see [`NbdUri`]); the export
+    /// name in `options` is replaced by the URI's.
+    pub async fn connect_uri(uri: &NbdUri, options: &ClientOptions) -> Result<Self> {
+        let options = ClientOptions { export: uri.export.clone(), ..options.clone() };
+        Self::connect(&uri.target, &options).await
     }
 }
 
@@ -187,14 +203,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let req = InfoRequest { export: options.export.clone(), infos: vec![INFO_BLOCK_SIZE] };
         send_option(&mut stream, OPT_GO, &req.encode()).await?;
         let mut export = None;
+        let mut block_size = None;
         loop {
             let (ty, p) = read_option_reply(&mut stream, OPT_GO).await?;
             match ty {
-                REP_INFO => {
-                    if let Info::Export { size, flags } = Info::parse(&p)? {
-                        export = Some((size, flags));
-                    }
-                }
+                REP_INFO => match Info::parse(&p)? {
+                    Info::Export { size, flags } => export = Some((size, flags)),
+                    Info::BlockSize(bs) => block_size = Some(bs),
+                    _ => {}
+                },
                 REP_ACK => break,
                 _ => return Err(ClientError::Unexpected("reply to OPT_GO")),
             }
@@ -202,7 +219,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let Some((size, flags)) = export else {
             return Err(ClientError::Unexpected("no NBD_INFO_EXPORT"));
         };
-        Ok(Client { stream, size, flags, extended, structured, contexts, cookie: 0 })
+        Ok(Client { stream, size, flags, extended, structured, contexts, cookie: 0, block_size })
+    }
+
+    /// The block size constraints the server announced, if any.
+    pub fn block_size(&self) -> Option<BlockSize> {
+        self.block_size
+    }
+
+    /// The largest read to send: the server's maximum block size, or 32 MiB (the
+    /// protocol's default) when it announced none.
+    pub fn max_read(&self) -> u32 {
+        self.block_size.map_or(MAX_PAYLOAD, |b| b.maximum.clamp(512, MAX_PAYLOAD))
+    }
+
+    /// The id the server gave the metadata context `name`, if it was selected.
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.contexts.iter().find(|(_, n)| n == name).map(|(id, _)| *id)
     }
 
     /// Export size.
@@ -403,6 +436,174 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         })
         .await?;
         Ok(v)
+    }
+
+    /// Reads many ranges with up to `depth` requests in flight on this one connection,
+    /// calling `on_done(offset, data)` for each range as its reply completes (replies may
+    /// complete out of order). Each range is at most [`max_read`](Client::max_read)
+    /// bytes. Pipelining hides the round trip: a sequential client waits for every
+    /// reply before asking for the next range.
+    pub async fn read_many<I, F, Fut>(
+        &mut self,
+        ranges: I,
+        depth: usize,
+        mut on_done: F,
+    ) -> Result<()>
+    where
+        I: IntoIterator<Item = (u64, u32)>,
+        F: FnMut(u64, Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        struct Pending {
+            offset: u64,
+            buf: Vec<u8>,
+            error: Option<ClientError>,
+        }
+        let depth = depth.max(1);
+        let max = self.max_read();
+        let mut ranges = ranges.into_iter();
+        let mut inflight: std::collections::HashMap<u64, Pending> =
+            std::collections::HashMap::with_capacity(depth);
+        let mut more = true;
+        loop {
+            while more && inflight.len() < depth {
+                let Some((offset, len)) = ranges.next() else {
+                    more = false;
+                    break;
+                };
+                if len == 0 || len > max {
+                    return Err(ClientError::Unexpected("read length out of bounds"));
+                }
+                let cookie = self.send(CMD_READ, 0, offset, len.into(), &[]).await?;
+                let pending = Pending { offset, buf: vec![0u8; len as usize], error: None };
+                inflight.insert(cookie, pending);
+            }
+            if inflight.is_empty() {
+                return Ok(());
+            }
+            let mut magic = [0u8; 4];
+            self.stream.read_exact(&mut magic).await?;
+            let n = ReplyHeader::len_for_magic(magic)?;
+            let mut b = [0u8; codec::EXTENDED_REPLY_LEN];
+            b[..4].copy_from_slice(&magic);
+            self.stream.read_exact(&mut b[4..n]).await?;
+            let (cookie, done) = match ReplyHeader::parse(&b[..n])? {
+                ReplyHeader::Simple { error, cookie } => {
+                    let p = inflight
+                        .get_mut(&cookie)
+                        .ok_or(ClientError::Unexpected("reply to an unknown cookie"))?;
+                    if error != 0 {
+                        p.error = Some(ClientError::Command {
+                            errno: error,
+                            message: format!("read at offset {}", p.offset),
+                        });
+                    } else {
+                        self.stream.read_exact(&mut p.buf).await?;
+                    }
+                    (cookie, true)
+                }
+                ReplyHeader::Chunk { flags, chunk_type, cookie, length } => {
+                    let p = inflight
+                        .get_mut(&cookie)
+                        .ok_or(ClientError::Unexpected("reply to an unknown cookie"))?;
+                    if length > MAX_CHUNK {
+                        return Err(ClientError::Unexpected("chunk too large"));
+                    }
+                    let place = |p: &Pending, off: u64, n: u64| -> Result<std::ops::Range<usize>> {
+                        let start = off
+                            .checked_sub(p.offset)
+                            .ok_or(ClientError::Unexpected("chunk before request"))?;
+                        match start.checked_add(n) {
+                            Some(end) if end <= p.buf.len() as u64 => {
+                                Ok(start as usize..end as usize)
+                            }
+                            _ => Err(ClientError::Unexpected("chunk beyond request")),
+                        }
+                    };
+                    match chunk_type {
+                        REPLY_TYPE_OFFSET_DATA => {
+                            let mut o = [0u8; 8];
+                            if length < 8 {
+                                return Err(ClientError::Unexpected("short data chunk"));
+                            }
+                            self.stream.read_exact(&mut o).await?;
+                            let r = place(p, u64::from_be_bytes(o), length - 8)?;
+                            // Straight into the request's buffer: no copy.
+                            self.stream.read_exact(&mut p.buf[r]).await?;
+                        }
+                        REPLY_TYPE_OFFSET_HOLE => {
+                            if length != 12 {
+                                return Err(ClientError::Unexpected("bad hole chunk"));
+                            }
+                            let mut h = [0u8; 12];
+                            self.stream.read_exact(&mut h).await?;
+                            let off = u64::from_be_bytes(h[..8].try_into().unwrap_or_default());
+                            let len = u32::from_be_bytes(h[8..].try_into().unwrap_or_default());
+                            let r = place(p, off, len.into())?;
+                            p.buf[r].fill(0);
+                        }
+                        REPLY_TYPE_NONE if length == 0 => {}
+                        t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
+                            let mut e = vec![0u8; length as usize];
+                            self.stream.read_exact(&mut e).await?;
+                            let (errno, message, _) = codec::parse_error_chunk(&e, t)?;
+                            let message = format!("read at offset {}: {message}", p.offset);
+                            p.error.get_or_insert(ClientError::Command { errno, message });
+                        }
+                        _ => return Err(ClientError::Unexpected("chunk type in read reply")),
+                    }
+                    (cookie, flags & REPLY_FLAG_DONE != 0)
+                }
+            };
+            if done && let Some(p) = inflight.remove(&cookie) {
+                if let Some(e) = p.error {
+                    return Err(e);
+                }
+                on_done(p.offset, p.buf).await?;
+            }
+        }
+    }
+
+    /// Walks the extents of the selected metadata context `context` (an id from
+    /// [`context_id`](Client::context_id)) over `[offset, offset + len)`, calling
+    /// `on_extent(offset, length, flags)` for consecutive extents that cover the range
+    /// exactly (a server's last extent reaching past the range is clipped).
+    pub async fn block_status_walk(
+        &mut self,
+        context: u32,
+        offset: u64,
+        len: u64,
+        mut on_extent: impl FnMut(u64, u64, u64),
+    ) -> Result<()> {
+        let end = offset.checked_add(len).ok_or(ClientError::Unexpected("range overflows"))?;
+        // Compact requests carry a 32-bit length; stay aligned well below it.
+        let step = if self.extended { 1u64 << 40 } else { 1u64 << 31 };
+        let mut pos = offset;
+        while pos < end {
+            let ask = (end - pos).min(step);
+            let replies = self.block_status(pos, ask, false).await?;
+            let extents = replies
+                .into_iter()
+                .find(|(id, _)| *id == context)
+                .map(|(_, e)| e)
+                .ok_or(ClientError::Unexpected("no extents for the context asked"))?;
+            let before = pos;
+            for e in extents {
+                if pos >= end {
+                    break;
+                }
+                if e.length == 0 {
+                    return Err(ClientError::Unexpected("zero-length extent"));
+                }
+                let n = e.length.min(end - pos);
+                on_extent(pos, n, e.flags);
+                pos += n;
+            }
+            if pos == before {
+                return Err(ClientError::Unexpected("block status made no progress"));
+            }
+        }
+        Ok(())
     }
 
     /// Sends `CMD_DISC` and closes the connection.

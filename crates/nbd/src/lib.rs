@@ -13,8 +13,10 @@ pub mod codec;
 pub mod export;
 pub mod proto;
 pub mod server;
+pub mod uri;
 
 pub use client::{Client, ClientError, ClientOptions};
 pub use codec::{BlockSize, Extent};
 pub use export::{BoxFuture, Export, ExportError, ExportResult, Exports, MemoryExport, ZeroFlags};
 pub use server::{ServeError, Server, ServerHandle};
+pub use uri::{NbdUri, Stream, Target};

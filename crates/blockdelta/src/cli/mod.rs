@@ -1,11 +1,16 @@
 //! Command-line interface: subcommands in the habits of `qemu-img`.
 
+mod backup;
 mod bitmap;
 mod check;
 mod image;
 mod info;
+mod list;
+mod progress;
+mod restore;
 mod serve;
 mod size;
+mod verify;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -53,6 +58,15 @@ enum Command {
     /// Add, remove, clear, enable, disable or merge a persistent bitmap of a qcow2 image,
     /// in the order the actions are given (like `qemu-img bitmap`).
     Bitmap(Box<bitmap::BitmapArgs>),
+    /// Back up a disk from an NBD export (pull mode: qemu-storage-daemon, qemu-nbd -B,
+    /// blockdelta serve) into a repository: full, or only the extents dirty in a bitmap.
+    Backup(backup::BackupArgs),
+    /// Restore a disk from a repository: the backup chain flattened into one sparse image.
+    Restore(restore::RestoreArgs),
+    /// Verify a repository: images, chain links, sizes and every recorded checksum.
+    Verify(verify::VerifyArgs),
+    /// List the backups of a repository.
+    List(list::ListArgs),
 }
 
 /// How results are printed.
@@ -95,5 +109,9 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             let sub = matches.subcommand_matches("bitmap").unwrap_or(matches);
             bitmap::run(&args, sub)
         }
+        Command::Backup(args) => backup::run(&args),
+        Command::Restore(args) => restore::run(&args),
+        Command::Verify(args) => verify::run(&args),
+        Command::List(args) => list::run(&args),
     }
 }
