@@ -58,17 +58,7 @@ pub enum RemoveError {
     ChildInUse(String),
 }
 
-/// An OS error's text without Rust's ` (os error N)` suffix, as QEMU prints `strerror`.
-pub(crate) fn strerror(e: &io::Error) -> String {
-    let text = match e.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code).to_string(),
-        None => e.to_string(),
-    };
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
+pub(crate) use super::strerror;
 
 /// The nodes of a daemon, by node name.
 #[derive(Debug, Default)]

@@ -410,3 +410,23 @@ impl BackingImage for NodeBacking {
         })
     }
 }
+
+/// The `bitmaps` list of qcow2's format-specific image information (`Qcow2BitmapInfo`
+/// in `qemu-img info` and QMP): each entry's name, granularity and flags, in directory
+/// order, reserved flag bits left out as QEMU does.
+pub fn bitmap_info_list(entries: &[qbitmaps::DirectoryEntry]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let mut flags = Vec::new();
+            if e.in_use() {
+                flags.push("in-use");
+            }
+            if e.auto() {
+                flags.push("auto");
+            }
+            serde_json::json!({"flags": flags, "name": e.name, "granularity": e.granularity()})
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}

@@ -1,7 +1,6 @@
 //! Opening an image file as block nodes for the offline tools, with `qemu-img`'s texts
 //! for what can go wrong.
 
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -35,17 +34,7 @@ impl Format {
     }
 }
 
-/// An OS error's text as C's `strerror` gives it (without Rust's ` (os error N)`).
-fn strerror(e: &io::Error) -> String {
-    let text = match e.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code).to_string(),
-        None => e.to_string(),
-    };
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
+use blockdelta::block::strerror;
 
 /// Opens the file, or says why not as `qemu-img` does: `Could not open 'F': Could not
 /// open 'F': No such file or directory`, or the lock conflict on two lines.

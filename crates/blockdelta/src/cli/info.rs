@@ -160,20 +160,7 @@ fn format_specific(
             .with_context(|| format!("Could not read the bitmaps of '{filename}'"))?;
         let entries = bitmaps::read_directory(storage, &ext, cluster_size, header.size)
             .with_context(|| format!("Could not read the bitmaps of '{filename}'"))?;
-        let list: Vec<Value> = entries
-            .iter()
-            .map(|e| {
-                let mut flags = Vec::new();
-                if e.in_use() {
-                    flags.push("in-use");
-                }
-                if e.auto() {
-                    flags.push("auto");
-                }
-                json!({"flags": flags, "name": e.name, "granularity": e.granularity()})
-            })
-            .collect();
-        data["bitmaps"] = json!(list);
+        data["bitmaps"] = blockdelta::block::qcow2::bitmap_info_list(&entries);
     }
     Ok(data)
 }

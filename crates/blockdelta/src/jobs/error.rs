@@ -143,13 +143,9 @@ impl From<io::Error> for JobFailure {
     }
 }
 
-/// The C library's text for `errno`: std's message without its ` (os error N)` suffix.
+/// The C library's text for `errno`.
 pub(crate) fn strerror(errno: i32) -> String {
-    let text = io::Error::from_raw_os_error(errno).to_string();
-    match text.rfind(" (os error ") {
-        Some(cut) => text[..cut].to_owned(),
-        None => text,
-    }
+    crate::block::strerror(&io::Error::from_raw_os_error(errno))
 }
 
 #[cfg(test)]

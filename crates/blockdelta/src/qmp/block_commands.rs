@@ -271,20 +271,7 @@ fn qcow2_format_specific(storage: &dyn Storage, header: &Header) -> Value {
         .and_then(|ext| BitmapsExtension::parse(ext, cluster_size).ok())
         .and_then(|ext| bitmaps::read_directory(storage, &ext, cluster_size, header.size).ok());
     if let Some(entries) = entries {
-        let list: Vec<Value> = entries
-            .iter()
-            .map(|e| {
-                let mut flags = Vec::new();
-                if e.in_use() {
-                    flags.push("in-use");
-                }
-                if e.auto() {
-                    flags.push("auto");
-                }
-                json!({"flags": flags, "name": e.name, "granularity": e.granularity()})
-            })
-            .collect();
-        data["bitmaps"] = json!(list);
+        data["bitmaps"] = crate::block::qcow2::bitmap_info_list(&entries);
     }
     data
 }
