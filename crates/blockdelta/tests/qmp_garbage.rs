@@ -11,7 +11,7 @@ use testkit::{SplitMix64, qemu_img};
 fn random_value(rng: &mut SplitMix64, depth: u32) -> Value {
     match rng.up_to(if depth > 2 { 4 } else { 6 }) {
         0 => Value::Null,
-        1 => json!(rng.next() % 2 == 0),
+        1 => json!(rng.next().is_multiple_of(2)),
         2 => json!(rng.next() as i64 >> rng.up_to(63)),
         3 => json!(
             ["disk0", "file0", "b0", "", "nosuch", "#block001", &"x".repeat(2000)]
