@@ -187,3 +187,24 @@ fn enable_failing_in_a_transaction_is_an_error() {
     );
     assert_eq!(bitmaps(&mut d), before);
 }
+
+/// qemu-storage-daemon 10.0.2 dies with SIGSEGV on `block-dirty-bitmap-merge` with an
+/// empty `bitmaps` list (verified by hand: exit status 139). blockdelta merges nothing,
+/// successfully, and the target is unchanged.
+#[test]
+fn merge_of_no_bitmaps_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start(
+        StorageDaemon::builder(env!("CARGO_BIN_EXE_blockdelta")).arg("serve"),
+        dir.path(),
+        "blockdelta",
+    );
+    let before = bitmaps(&mut d);
+    let r = reply(
+        &mut d,
+        "block-dirty-bitmap-merge",
+        json!({"node": "disk0", "target": "b0", "bitmaps": []}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(bitmaps(&mut d), before);
+}
