@@ -3,6 +3,7 @@
 mod backup;
 mod bitmap;
 mod check;
+mod demo;
 mod image;
 mod info;
 mod list;
@@ -58,8 +59,9 @@ enum Command {
     /// Add, remove, clear, enable, disable or merge a persistent bitmap of a qcow2 image,
     /// in the order the actions are given (like `qemu-img bitmap`).
     Bitmap(Box<bitmap::BitmapArgs>),
-    /// Back up a disk from an NBD export (pull mode: qemu-storage-daemon, qemu-nbd -B,
-    /// blockdelta serve) into a repository: full, or only the extents dirty in a bitmap.
+    /// Back up a disk into a repository, full or only what a dirty bitmap marks: pull
+    /// mode reads an NBD export (qemu-storage-daemon, qemu-nbd -B, blockdelta serve);
+    /// push mode (--qmp, --node) has a running daemon's backup job write it.
     Backup(backup::BackupArgs),
     /// Restore a disk from a repository: the backup chain flattened into one sparse image.
     Restore(restore::RestoreArgs),
@@ -67,6 +69,10 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// List the backups of a repository.
     List(list::ListArgs),
+    /// The whole story on a 1 GiB disk in a temporary directory: serve, write, full
+    /// backup (push), incrementals (pull and push), verify, restore and compare every
+    /// point in time. Exit 0 only when every check passed.
+    Demo(demo::DemoArgs),
 }
 
 /// How results are printed.
@@ -113,5 +119,6 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(&args),
         Command::Verify(args) => verify::run(&args),
         Command::List(args) => list::run(&args),
+        Command::Demo(args) => demo::run(&args),
     }
 }
