@@ -8,6 +8,7 @@ mod image;
 mod info;
 mod list;
 mod progress;
+mod qmp;
 mod restore;
 mod serve;
 mod size;
@@ -73,6 +74,8 @@ enum Command {
     /// backup (push), incrementals (pull and push), verify, restore and compare every
     /// point in time. Exit 0 only when every check passed.
     Demo(demo::DemoArgs),
+    /// Run one QMP command on a daemon's monitor socket and print its result as JSON.
+    Qmp(qmp::QmpArgs),
 }
 
 /// How results are printed.
@@ -120,5 +123,6 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => verify::run(&args),
         Command::List(args) => list::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Qmp(args) => qmp::run(&args),
     }
 }
