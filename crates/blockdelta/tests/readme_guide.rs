@@ -70,3 +70,13 @@ fn every_command_of_the_readme_guide_runs() {
     let b = std::fs::read(dir.join("at-0002.raw")).unwrap();
     assert_ne!(a, b);
 }
+
+/// The README's main job: `blockdelta demo` passes every check, and prints its table.
+#[test]
+fn the_demo_passes_every_check() {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockdelta")).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every check passed"), "{stdout}");
+    assert_eq!(stdout.matches("identical").count(), 3, "{stdout}");
+}
