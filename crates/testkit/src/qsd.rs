@@ -284,6 +284,13 @@ impl StorageDaemon {
         matches!(self.try_wait(), Ok(None))
     }
 
+    /// Closes the QMP connection, so that another client (a program under test) can use
+    /// the monitor, which serves one client at a time; [`StorageDaemon::connect_qmp`]
+    /// opens a new one.
+    pub fn disconnect_qmp(&mut self) {
+        self.qmp = None;
+    }
+
     /// Sends QMP `quit` and waits for the process to exit (up to the stop timeout); its
     /// exit status. Errors, with the log, if `quit` fails or the process does not exit
     /// (it is then killed).

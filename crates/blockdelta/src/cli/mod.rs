@@ -3,10 +3,12 @@
 mod backup;
 mod bitmap;
 mod check;
+mod demo;
 mod image;
 mod info;
 mod list;
 mod progress;
+mod qmp;
 mod restore;
 mod serve;
 mod size;
@@ -58,8 +60,9 @@ enum Command {
     /// Add, remove, clear, enable, disable or merge a persistent bitmap of a qcow2 image,
     /// in the order the actions are given (like `qemu-img bitmap`).
     Bitmap(Box<bitmap::BitmapArgs>),
-    /// Back up a disk from an NBD export (pull mode: qemu-storage-daemon, qemu-nbd -B,
-    /// blockdelta serve) into a repository: full, or only the extents dirty in a bitmap.
+    /// Back up a disk into a repository, full or only what a dirty bitmap marks: pull
+    /// mode reads an NBD export (qemu-storage-daemon, qemu-nbd -B, blockdelta serve);
+    /// push mode (--qmp, --node) has a running daemon's backup job write it.
     Backup(backup::BackupArgs),
     /// Restore a disk from a repository: the backup chain flattened into one sparse image.
     Restore(restore::RestoreArgs),
@@ -67,6 +70,12 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// List the backups of a repository.
     List(list::ListArgs),
+    /// The whole story on a 1 GiB disk in a temporary directory: serve, write, full
+    /// backup (push), incrementals (pull and push), verify, restore and compare every
+    /// point in time. Exit 0 only when every check passed.
+    Demo(demo::DemoArgs),
+    /// Run one QMP command on a daemon's monitor socket and print its result as JSON.
+    Qmp(qmp::QmpArgs),
 }
 
 /// How results are printed.
@@ -113,5 +122,7 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(&args),
         Command::Verify(args) => verify::run(&args),
         Command::List(args) => list::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Qmp(args) => qmp::run(&args),
     }
 }

@@ -21,6 +21,8 @@ pub mod fsutil;
 pub mod hash;
 pub mod manifest;
 pub mod pull;
+pub mod push;
+pub mod qmp_client;
 pub mod restore;
 pub mod verify;
 
@@ -176,9 +178,9 @@ impl Repository {
     pub fn open_or_create(root: &Path) -> Result<Repository> {
         if !root.exists() {
             fs::create_dir_all(root).map_err(io_err(root, "creating the repository"))?;
-            if let Some(parent) = root.parent() {
-                fsutil::fsync_dir(parent)?;
-            }
+            // A relative one-component path has the empty path as parent: that is ".".
+            let parent = root.parent().filter(|p| !p.as_os_str().is_empty());
+            fsutil::fsync_dir(parent.unwrap_or(Path::new(".")))?;
         }
         Repository::open(root)
     }

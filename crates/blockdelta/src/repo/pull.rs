@@ -93,7 +93,7 @@ fn img_err(path: &Path) -> impl Fn(qcow2::Qcow2Error) -> RepoError + '_ {
 }
 
 /// The next backup id after `backups`: one more than the largest numeric id.
-fn next_id(backups: &[Backup]) -> String {
+pub(crate) fn next_id(backups: &[Backup]) -> String {
     let max = backups.iter().filter_map(|b| b.manifest.id.parse::<u64>().ok()).max().unwrap_or(0);
     format!("{:04}", max + 1)
 }
@@ -174,6 +174,26 @@ fn write_buffer(k: &Sink, off: u64, data: &[u8], w: &mut Written) -> Result<()> 
     Ok(())
 }
 
+/// The newest backup of `disk`, which an incremental builds on, after checking its chain
+/// links and that its checksum file matches its manifest.
+pub(crate) fn checked_parent(backups: &[Backup], dir: &Path, disk: &str) -> Result<Backup> {
+    let top = backups.last().ok_or_else(|| {
+        RepoError::Invalid(format!(
+            "{}: disk '{disk}' has no backups: take a full backup first (--full)",
+            dir.display()
+        ))
+    })?;
+    super::chain_of(backups, top)?;
+    let sums = std::fs::read(&top.sums_path).map_err(io_err(&top.sums_path, "reading"))?;
+    if hash::hex(&hash::sha256(&sums)) != top.manifest.sums_sha256 {
+        return Err(RepoError::Image {
+            path: top.sums_path.clone(),
+            reason: "block checksum file does not match its manifest (run verify)".into(),
+        });
+    }
+    Ok(top.clone())
+}
+
 /// Takes a pull-mode backup of the export at `opts.uri` into `repo`.
 pub async fn pull_backup(
     repo: &Repository,
@@ -209,25 +229,7 @@ pub async fn pull_backup(
     // Everything the backup builds on is checked before anything is changed.
     let mut lock = if exists { Some(DirLock::acquire(&dir)?) } else { None };
     let backups = if exists { repo.backups(&disk)? } else { Vec::new() };
-    let parent = if opts.full {
-        None
-    } else {
-        let top = backups.last().ok_or_else(|| {
-            RepoError::Invalid(format!(
-                "{}: disk '{disk}' has no backups: take a full backup first (--full)",
-                dir.display()
-            ))
-        })?;
-        super::chain_of(&backups, top)?;
-        let sums = std::fs::read(&top.sums_path).map_err(io_err(&top.sums_path, "reading"))?;
-        if hash::hex(&hash::sha256(&sums)) != top.manifest.sums_sha256 {
-            return Err(RepoError::Image {
-                path: top.sums_path.clone(),
-                reason: "block checksum file does not match its manifest (run verify)".into(),
-            });
-        }
-        Some(top.clone())
-    };
+    let parent = if opts.full { None } else { Some(checked_parent(&backups, &dir, &disk)?) };
 
     let mut contexts = vec![];
     if opts.full {

@@ -1,0 +1,595 @@
+//! Push-mode backups: a running daemon (`blockdelta serve` or `qemu-storage-daemon`)
+//! copies its disk into a new image of the repository with a `blockdev-backup` job,
+//! driven over QMP, so that the daemon's point-in-time copy (copy-before-write) and the
+//! successor protocol do the work.
+//!
+//! # Steps
+//!
+//! 1. Under the disk's repository lock: connect, recover from any interrupted push
+//!    backup of this disk ([`recover`], below), check the chain an incremental builds
+//!    on, remove the repository's leftovers.
+//! 2. Create the target `.tmp-NNNN.qcow2` (backing file: the parent's image, a relative
+//!    name) and `blockdev-add` it (qcow2 over file, `backing: null`: the job writes only
+//!    whole clusters, so the daemon never needs the parent's data).
+//! 3. One `transaction`, i.e. one instant: the *safety bitmap* (below), then for a full
+//!    backup `block-dirty-bitmap-clear NAME` (or `-add`), then `blockdev-backup`
+//!    (`sync=full`, or `sync=incremental bitmap=NAME` with the default
+//!    `bitmap-mode=on-success`: on success NAME keeps exactly the writes made since the
+//!    job started, i.e. since this backup's point in time; on failure it is reclaimed).
+//! 4. Wait for `BLOCK_JOB_COMPLETED`; `blockdev-del` the target (the daemon flushes and
+//!    closes it); hash the new image through its chain (a full backup: every data
+//!    range; an incremental: the clusters allocated in the new image only, over a copy of
+//!    the parent's `.sums`); rename image and `.sums`, write the manifest (temporary,
+//!    fsync, rename, fsync of the directory): only now does the backup exist.
+//! 5. Remove the safety bitmap.
+//!
+//! # Why no write is ever lost: the safety bitmap
+//!
+//! The danger is the window between the daemon settling NAME and the manifest's rename.
+//! Once the job succeeds, NAME abdicates and forgets the writes copied into the new
+//! image; if the client dies before the manifest exists, that image is an orphan (the
+//! next run deletes it) and the next incremental, built on the previous manifest, would
+//! miss those writes. `auto-finalize: false` only moves the window (a kill between
+//! `job-finalize` and the rename), and the image cannot be hashed safely before the
+//! daemon has closed it, which needs the job finalized.
+//!
+//! So the transaction first adds a bitmap `S = blockdelta-pending/DISK/ID/TOKEN/NAME`
+//! (NAME's granularity and persistence) and merges NAME into it: at the backup's
+//! instant S holds every write since the parent backup, and S is enabled, so it keeps
+//! recording. Nothing ever clears S. It is removed only once the manifest that records
+//! attempt TOKEN is durable, and by then the writes it held are in a backup the
+//! repository knows. In every other case (a failed or cancelled job, a full backup's
+//! cleared NAME, a killed client at any moment) S is merged back into NAME before it
+//! is removed, which restores NAME to a superset of the writes since the newest
+//! manifest; a superset costs copying a little more, never a missed write.
+//!
+//! [`recover`] runs at the start of every push backup of the disk (under the lock, so
+//! never beside a live client): it cancels this disk's orphan jobs and waits for them
+//! to go (a cancel reclaims NAME; a job that already completed left S), deletes orphan
+//! target nodes, then settles each S: committed (its manifest exists and records its
+//! token) → removed; otherwise → merged into NAME (NAME re-created if it is gone), then
+//! removed. Each step is idempotent, so a client killed during recovery is recovered by
+//! the next one.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qcow2::Qcow2Image;
+use qcow2::l2::ClusterMapping;
+use serde_json::{Value, json};
+
+use super::fsutil::{self, DirLock, TMP_PREFIX};
+use super::hash::{self, LEAF};
+use super::manifest::{self, ALGORITHM, BackupKind, Manifest};
+use super::qmp_client::{QmpClient, QmpClientError};
+use super::{
+    Backup, Progress, RepoError, Repository, Result, image_name, io_err, manifest_name, sums_name,
+};
+
+/// The bitmap a push backup uses when none is named.
+pub const DEFAULT_BITMAP: &str = "blockdelta";
+
+/// Prefix of safety bitmaps (see the module docs).
+pub const PENDING_PREFIX: &str = "blockdelta-pending/";
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// The daemon's QMP monitor socket.
+    pub qmp: PathBuf,
+    /// The node name of the disk in the daemon.
+    pub node: String,
+    /// The disk's name in the repository (default: the node name).
+    pub disk: Option<String>,
+    /// A full backup (a new chain) instead of an incremental.
+    pub full: bool,
+    /// The dirty bitmap on the node that tracks writes since the newest backup
+    /// ([`DEFAULT_BITMAP`] when `None`).
+    pub bitmap: Option<String>,
+    /// How long to wait for the monitor and for each QMP reply.
+    pub timeout: Duration,
+}
+
+impl PushOptions {
+    /// Defaults: incremental, bitmap [`DEFAULT_BITMAP`], disk = node, 30 s timeout.
+    pub fn new(qmp: impl Into<PathBuf>, node: impl Into<String>) -> Self {
+        PushOptions {
+            qmp: qmp.into(),
+            node: node.into(),
+            disk: None,
+            full: false,
+            bitmap: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a push backup did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// The new backup.
+    pub backup: Backup,
+    /// What recovery of interrupted backups did first (one line each).
+    pub recovered: Vec<String>,
+    /// Leftover files of interrupted backups that were removed.
+    pub removed: Vec<PathBuf>,
+    /// Time from the transaction to `BLOCK_JOB_COMPLETED`.
+    pub job_time: Duration,
+    /// Time taken in all.
+    pub elapsed: Duration,
+}
+
+fn qmp_err(e: QmpClientError) -> RepoError {
+    RepoError::Source { source_uri: "QMP".into(), reason: e.to_string() }
+}
+
+fn img_err(path: &Path) -> impl Fn(qcow2::Qcow2Error) -> RepoError + '_ {
+    move |e| RepoError::Image { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// A short tag of the disk name for job ids and node names (QEMU limits node names to
+/// 31 characters; the disk name may be 64).
+fn disk_tag(disk: &str) -> String {
+    hash::hex(&hash::sha256(disk.as_bytes()))[..8].to_owned()
+}
+fn job_prefix(disk: &str) -> String {
+    format!("bdb-{}-", disk_tag(disk))
+}
+fn node_prefix(disk: &str) -> String {
+    format!("bdt-{}-", disk_tag(disk))
+}
+
+/// A parsed safety bitmap name.
+struct Pending {
+    full_name: String,
+    id: String,
+    token: String,
+    bitmap: String,
+}
+
+fn parse_pending(name: &str, disk: &str) -> Option<Pending> {
+    let rest = name.strip_prefix(PENDING_PREFIX)?;
+    let mut it = rest.splitn(4, '/');
+    let (d, id, token, bitmap) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    (d == disk).then(|| Pending {
+        full_name: name.to_owned(),
+        id: id.to_owned(),
+        token: token.to_owned(),
+        bitmap: bitmap.to_owned(),
+    })
+}
+
+/// The `source` a push manifest records; it carries the attempt's token, by which
+/// recovery knows whether a safety bitmap's backup was committed.
+fn source_text(opts: &PushOptions, token: &str) -> String {
+    format!("qmp:{} node={} attempt={token}", opts.qmp.display(), opts.node)
+}
+
+/// One bitmap of a node, as `query-named-block-nodes` lists it.
+#[derive(Debug, Clone)]
+struct BitmapInfo {
+    name: String,
+    granularity: u64,
+    persistent: bool,
+}
+
+/// The node's record from `query-named-block-nodes`.
+fn node_record(q: &mut QmpClient, node: &str) -> Result<Value> {
+    let nodes = q.execute("query-named-block-nodes", Value::Null).map_err(qmp_err)?;
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .cloned()
+        .ok_or_else(|| RepoError::Invalid(format!("the daemon has no block node '{node}'")))
+}
+
+fn bitmaps_of(record: &Value) -> Vec<BitmapInfo> {
+    record["dirty-bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| {
+                    Some(BitmapInfo {
+                        name: b["name"].as_str()?.to_owned(),
+                        granularity: b["granularity"].as_u64().unwrap_or(65536),
+                        persistent: b["persistent"].as_bool().unwrap_or(false),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Brings the daemon back to a settled state after interrupted push backups of `disk`
+/// (see the module docs). Must run under the disk's lock. Returns what it did.
+pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    // 1. Orphan jobs: cancel (which reclaims the bitmap) and wait until they are gone.
+    let jp = job_prefix(disk);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = q.execute("query-jobs", Value::Null).map_err(qmp_err)?;
+        let ours: Vec<(String, String)> = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|j| {
+                let id = j["id"].as_str()?;
+                let status = j["status"].as_str()?;
+                id.starts_with(&jp).then(|| (id.to_owned(), status.to_owned()))
+            })
+            .collect();
+        if ours.is_empty() {
+            break;
+        }
+        for (id, status) in &ours {
+            let r = match status.as_str() {
+                "concluded" => q.execute("job-dismiss", json!({"id": id})),
+                "pending" => q.execute("job-finalize", json!({"id": id})),
+                "aborting" | "null" => Ok(Value::Null),
+                _ => q.execute("job-cancel", json!({"id": id})),
+            };
+            // A job may move on between the query and the verb: refusals are retried.
+            if r.is_ok() && status != "aborting" {
+                done.push(format!("orphan job {id} ({status}): cancelled or settled"));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(RepoError::Invalid(format!(
+                "orphan backup jobs of disk '{disk}' did not end: {ours:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 2. Orphan target nodes.
+    let np = node_prefix(disk);
+    let nodes = q.execute("query-named-block-nodes", Value::Null).map_err(qmp_err)?;
+    for n in nodes.as_array().into_iter().flatten() {
+        if let Some(name) = n["node-name"].as_str()
+            && name.starts_with(&np)
+        {
+            q.execute("blockdev-del", json!({"node-name": name})).map_err(qmp_err)?;
+            done.push(format!("orphan target node {name}: deleted"));
+        }
+    }
+    // 3. Safety bitmaps.
+    let record = node_record(q, node)?;
+    let bitmaps = bitmaps_of(&record);
+    for b in &bitmaps {
+        let Some(p) = parse_pending(&b.name, disk) else { continue };
+        let committed = Manifest::load(&dir.join(manifest_name(&p.id)), disk, &p.id)
+            .map(|m| m.source.ends_with(&format!("attempt={}", p.token)))
+            .unwrap_or(false);
+        if !committed {
+            settle_back(q, node, &bitmaps, &p.full_name, &p.bitmap, b)?;
+            done.push(format!("bitmap '{}': merged back from {}", p.bitmap, p.full_name));
+        }
+        q.execute("block-dirty-bitmap-remove", json!({"node": node, "name": p.full_name}))
+            .map_err(qmp_err)?;
+        done.push(format!("safety bitmap {} removed", p.full_name));
+    }
+    Ok(done)
+}
+
+/// Merges safety bitmap `s` into `name`, re-creating `name` if it is gone.
+fn settle_back(
+    q: &mut QmpClient,
+    node: &str,
+    bitmaps: &[BitmapInfo],
+    s: &str,
+    name: &str,
+    s_info: &BitmapInfo,
+) -> Result<()> {
+    let mut actions = Vec::new();
+    if !bitmaps.iter().any(|b| b.name == name) {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": node, "name": name, "granularity": s_info.granularity,
+            "persistent": s_info.persistent}}));
+    }
+    actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+        "node": node, "target": name, "bitmaps": [s]}}));
+    q.execute("transaction", json!({"actions": actions})).map_err(qmp_err)?;
+    Ok(())
+}
+
+/// Takes a push-mode backup of `opts.node` into `repo`.
+pub fn push_backup(
+    repo: &Repository,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushReport> {
+    let started = Instant::now();
+    let (time_unix, time) = manifest::now();
+    let disk = opts.disk.clone().unwrap_or_else(|| opts.node.clone());
+    if !super::valid_name(&disk) {
+        return Err(RepoError::Invalid(format!(
+            "invalid disk name '{disk}' (letters, digits, '.', '_', '-'; give --disk)"
+        )));
+    }
+    let bitmap = opts.bitmap.clone().unwrap_or_else(|| DEFAULT_BITMAP.to_owned());
+    if bitmap.is_empty() || bitmap.starts_with(PENDING_PREFIX) {
+        return Err(RepoError::Invalid(format!("invalid bitmap name '{bitmap}'")));
+    }
+    let dir = repo.disk_dir(&disk);
+    if !dir.exists() {
+        if !opts.full {
+            return Err(RepoError::Invalid(format!(
+                "{}: disk '{disk}' has no backups: take a full backup first (--full)",
+                dir.display()
+            )));
+        }
+        match std::fs::create_dir(&dir) {
+            Ok(()) => fsutil::fsync_dir(repo.root())?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&dir, "creating the disk directory")(e)),
+        }
+    }
+    let dir = dir.canonicalize().map_err(io_err(&dir, "resolving"))?;
+    let _lock = DirLock::acquire(&dir)?;
+    let mut q = QmpClient::connect(&opts.qmp, opts.timeout).map_err(qmp_err)?;
+    let recovered = recover(&mut q, &opts.node, &disk, &dir)?;
+
+    let backups = repo.backups(&disk)?;
+    let parent =
+        if opts.full { None } else { Some(super::pull::checked_parent(&backups, &dir, &disk)?) };
+    let record = node_record(&mut q, &opts.node)?;
+    let size = record["image"]["virtual-size"].as_u64().ok_or_else(|| {
+        RepoError::Invalid(format!("the daemon reports no virtual size for node '{}'", opts.node))
+    })?;
+    if size > qcow2::create::MAX_VIRTUAL_SIZE || !size.is_multiple_of(512) {
+        return Err(RepoError::Invalid(format!("unsupported disk size {size}")));
+    }
+    if let Some(p) = &parent
+        && p.manifest.virtual_size != size
+    {
+        return Err(RepoError::Invalid(format!(
+            "disk size {size} differs from the previous backup's {} ({}): take a full backup (--full)",
+            p.manifest.virtual_size,
+            p.manifest_path.display()
+        )));
+    }
+    let bitmaps = bitmaps_of(&record);
+    let existing = bitmaps.iter().find(|b| b.name == bitmap).cloned();
+    if !opts.full && existing.is_none() {
+        return Err(RepoError::Invalid(format!(
+            "node '{}' has no dirty bitmap '{bitmap}': take a full backup (--full), which adds it",
+            opts.node
+        )));
+    }
+    let removed = fsutil::remove_leftovers(&dir)?;
+
+    let id = super::pull::next_id(&backups);
+    let token = format!("{time_unix}.{}", std::process::id());
+    let image_tmp = dir.join(format!("{TMP_PREFIX}{}", image_name(&id)));
+    let sums_tmp = dir.join(format!("{TMP_PREFIX}{}", sums_name(&id)));
+    let mut create = qcow2::create::CreateOptions::new(size);
+    if let Some(p) = &parent {
+        create.backing_file = Some(image_name(&p.manifest.id));
+        create.backing_format = Some("qcow2".into());
+    }
+    qcow2::create::create_file(&image_tmp, create).map_err(img_err(&image_tmp))?;
+    fsutil::fsync_dir(&dir)?;
+
+    let target = format!("{}{id}", node_prefix(&disk));
+    let job = format!("{}{id}", job_prefix(&disk));
+    q.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": target, "backing": null,
+               "file": {"driver": "file", "filename": image_tmp}}),
+    )
+    .map_err(qmp_err)?;
+
+    // The transaction: safety bitmap, NAME reset for a full backup, the job.
+    let safety = format!("{PENDING_PREFIX}{disk}/{id}/{token}/{bitmap}");
+    let mut actions = Vec::new();
+    if let Some(b) = &existing {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": opts.node, "name": safety, "granularity": b.granularity,
+            "persistent": b.persistent}}));
+        actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+            "node": opts.node, "target": safety, "bitmaps": [bitmap]}}));
+    }
+    if opts.full {
+        actions.push(match &existing {
+            Some(_) => json!({"type": "block-dirty-bitmap-clear", "data": {
+                "node": opts.node, "name": bitmap}}),
+            None => json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": opts.node, "name": bitmap}}),
+        });
+        actions.push(json!({"type": "blockdev-backup", "data": {
+            "job-id": job, "device": opts.node, "target": target, "sync": "full"}}));
+    } else {
+        actions.push(json!({"type": "blockdev-backup", "data": {
+            "job-id": job, "device": opts.node, "target": target, "sync": "incremental",
+            "bitmap": bitmap}}));
+    }
+    let job_started = Instant::now();
+    if let Err(e) = q.execute("transaction", json!({"actions": actions})) {
+        // Nothing happened in the daemon but the target node: remove it and the file.
+        let _ = q.execute("blockdev-del", json!({"node-name": target}));
+        let _ = std::fs::remove_file(&image_tmp);
+        return Err(qmp_err(e));
+    }
+    progress.start("backup (daemon)", size);
+    let outcome = wait_job(&mut q, &job, progress);
+    progress.finish();
+    let job_time = job_started.elapsed();
+    let bytes_job = match outcome {
+        Ok(n) => n,
+        Err(e) => {
+            // The daemon reclaimed NAME (incremental); a full backup's cleared NAME is
+            // restored from the safety bitmap. Then the repository is as it was.
+            let _ = recover(&mut q, &opts.node, &disk, &dir);
+            let _ = std::fs::remove_file(&image_tmp);
+            return Err(e);
+        }
+    };
+    q.execute("blockdev-del", json!({"node-name": target})).map_err(qmp_err)?;
+
+    // Checksums, through the new image's chain.
+    let image = Qcow2Image::open_path(&image_tmp, false).map_err(img_err(&image_tmp))?;
+    let sums = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&sums_tmp)
+        .map_err(io_err(&sums_tmp, "creating"))?;
+    let (checksums, bytes_copied) =
+        hash_new_image(&image, &image_tmp, &sums, &sums_tmp, parent.as_ref(), size, progress)?;
+    drop(image);
+    sums.sync_all().map_err(io_err(&sums_tmp, "syncing"))?;
+    drop(sums);
+    fsutil::fsync_file(&image_tmp)?;
+    let sums_bytes = std::fs::read(&sums_tmp).map_err(io_err(&sums_tmp, "reading"))?;
+    let sums_sha256 = hash::hex(&hash::sha256(&sums_bytes));
+    drop(sums_bytes);
+
+    let image_path = dir.join(image_name(&id));
+    let sums_path = dir.join(sums_name(&id));
+    fsutil::rename(&image_tmp, &image_path)?;
+    fsutil::rename(&sums_tmp, &sums_path)?;
+    fsutil::fsync_dir(&dir)?;
+    let image_bytes = std::fs::metadata(&image_path).map_err(io_err(&image_path, "stat"))?.len();
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        id: id.clone(),
+        disk: disk.clone(),
+        kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
+        time,
+        time_unix,
+        source: source_text(opts, &token),
+        bitmap: Some(bitmap.clone()),
+        parent: parent.as_ref().map(|p| p.manifest.id.clone()),
+        virtual_size: size,
+        bytes_read: bytes_job,
+        bytes_copied,
+        image: image_name(&id),
+        image_bytes,
+        sums: sums_name(&id),
+        sums_sha256,
+        checksum_algorithm: ALGORITHM.to_owned(),
+        checksum_range: hash::RANGE,
+        checksums,
+    };
+    let manifest_path = dir.join(manifest_name(&id));
+    fsutil::write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
+    // Committed: the safety bitmap's writes are in this backup now.
+    if existing.is_some() {
+        q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
+            .map_err(qmp_err)?;
+    }
+    Ok(PushReport {
+        backup: Backup { manifest, manifest_path, image_path, sums_path },
+        recovered,
+        removed,
+        job_time,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Waits for the job's end; returns the bytes it reports copied (`offset`), or its
+/// error. Progress comes from `query-jobs` every half second.
+fn wait_job(q: &mut QmpClient, job: &str, progress: &dyn Progress) -> Result<u64> {
+    let mut reported = 0u64;
+    loop {
+        let ev = q
+            .wait_event(Duration::from_millis(500), |e| {
+                matches!(e["event"].as_str(), Some("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED"))
+                    && e["data"]["device"] == job
+            })
+            .map_err(qmp_err)?;
+        if let Some(ev) = ev {
+            let d = &ev["data"];
+            if ev["event"] == "BLOCK_JOB_CANCELLED" {
+                return Err(RepoError::Invalid(format!("backup job {job} was cancelled")));
+            }
+            if let Some(err) = d["error"].as_str() {
+                return Err(RepoError::Invalid(format!("backup job {job} failed: {err}")));
+            }
+            let done = d["offset"].as_u64().unwrap_or(0);
+            progress.advance(done.saturating_sub(reported));
+            return Ok(done);
+        }
+        let jobs = q.execute("query-jobs", Value::Null).map_err(qmp_err)?;
+        if let Some(j) = jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == job)) {
+            let done = j["current-progress"].as_u64().unwrap_or(0);
+            progress.advance(done.saturating_sub(reported));
+            reported = reported.max(done);
+        }
+    }
+}
+
+/// Writes the new image's `.sums` and returns the range checksums and the bytes of data
+/// clusters in the image. A full backup hashes every range with data; an incremental
+/// starts from the parent's `.sums` and rehashes only the leaves that the new image
+/// itself allocates (data or zero clusters: what the job wrote).
+fn hash_new_image(
+    image: &Qcow2Image,
+    image_path: &Path,
+    sums: &File,
+    sums_path: &Path,
+    parent: Option<&Backup>,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<(Vec<String>, u64)> {
+    let cs = image.cluster_size();
+    let clusters = size.div_ceil(cs);
+    let mut bytes_copied = 0u64;
+    let mut own = Vec::new();
+    for c in 0..clusters {
+        match image.map_cluster(c).map_err(img_err(image_path))? {
+            ClusterMapping::Unallocated => {}
+            m => {
+                if !matches!(m, ClusterMapping::Zero { .. }) {
+                    bytes_copied += cs.min(size - c * cs);
+                }
+                own.push(c);
+            }
+        }
+    }
+    let Some(parent) = parent else {
+        let mut w = std::io::BufWriter::new(sums);
+        let mut checksums = Vec::new();
+        progress.start("checksums", size);
+        for r in 0..hash::range_count(size) {
+            let leaves = hash::hash_image_range(image, image_path, r, progress, |_, _| Ok(()))?;
+            for l in &leaves {
+                w.write_all(l).map_err(io_err(sums_path, "writing block checksums"))?;
+            }
+            checksums.push(hash::hex(&hash::range_hash(&leaves)));
+        }
+        progress.finish();
+        w.flush().map_err(io_err(sums_path, "writing block checksums"))?;
+        return Ok((checksums, bytes_copied));
+    };
+    let mut src = File::open(&parent.sums_path).map_err(io_err(&parent.sums_path, "opening"))?;
+    std::io::copy(&mut src, &mut &*sums).map_err(io_err(sums_path, "copying block checksums"))?;
+    let mut leaves_touched = std::collections::BTreeSet::new();
+    for c in own {
+        let start = c * cs;
+        let end = (start + cs).min(size);
+        for l in (start / LEAF)..end.div_ceil(LEAF) {
+            leaves_touched.insert(l);
+        }
+    }
+    let mut ranges = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; LEAF as usize];
+    for &l in &leaves_touched {
+        let n = hash::leaf_len(size, l) as usize;
+        image.read_at(&mut buf[..n], l * LEAF).map_err(img_err(image_path))?;
+        sums.write_all_at(&hash::sha256(&buf[..n]), l * 32)
+            .map_err(io_err(sums_path, "writing block checksums"))?;
+        ranges.insert(l / hash::LEAVES_PER_RANGE);
+    }
+    let mut checksums = parent.manifest.checksums.clone();
+    for r in ranges {
+        let leaves = hash::read_range_leaves(sums, sums_path, size, r)?;
+        if let Some(c) = checksums.get_mut(r as usize) {
+            *c = hash::hex(&hash::range_hash(&leaves));
+        }
+    }
+    Ok((checksums, bytes_copied))
+}

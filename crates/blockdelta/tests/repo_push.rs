@@ -1,0 +1,391 @@
+//! `blockdelta backup --qmp SOCKET --node NODE` (push mode) against qemu-storage-daemon
+//! and `blockdelta serve`: a full backup and incrementals while the disk is written
+//! through NBD, restores of every point in time compared with copies of the disk taken
+//! at that moment, and clients killed at random moments: `verify` accepts the repository
+//! after each, and a final backup restores to the disk, so no write since the last good
+//! backup left the bitmap.
+//!
+//! Fails, never skips, when a tool is missing (`scripts/test` installs them).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::qsd::{DaemonBuilder, StorageDaemon};
+use testkit::serde_json::{self, Value, json};
+use testkit::{SplitMix64, qemu_img, qemu_io};
+
+const MIB: u64 = 1 << 20;
+
+fn bd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blockdelta"))
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Qsd,
+    Serve,
+}
+
+/// A daemon with `disk0` (qcow2, writable) exported over NBD, its QMP monitor free for
+/// the client under test.
+struct Daemon {
+    d: Option<StorageDaemon>,
+    uri: String,
+    qmp: PathBuf,
+}
+
+impl Daemon {
+    fn start(kind: Kind, dir: &Path, size_mib: u64) -> Daemon {
+        let image = dir.join("disk.qcow2");
+        qemu_img(["create", "-q", "-f", "qcow2", s(&image), &format!("{size_mib}M")]).unwrap();
+        let socket = dir.join("nbd.sock");
+        let b: DaemonBuilder = match kind {
+            Kind::Qsd => StorageDaemon::qemu(),
+            Kind::Serve => StorageDaemon::builder(env!("CARGO_BIN_EXE_blockdelta")).arg("serve"),
+        };
+        let mut d = b
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={}", s(&image)))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=disk0,file=f0")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", s(&socket)))
+            .arg("--export")
+            .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
+            .start()
+            .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
+        let qmp = d.qmp_socket();
+        d.disconnect_qmp();
+        Daemon { d: Some(d), uri: format!("nbd+unix:///disk0?socket={}", s(&socket)), qmp }
+    }
+
+    /// Runs `f` on a QMP connection of the test's own, closed afterwards.
+    fn with_qmp<T>(&mut self, f: impl FnOnce(&mut StorageDaemon) -> T) -> T {
+        let d = self.d.as_mut().unwrap();
+        d.connect_qmp(true).unwrap();
+        let r = f(d);
+        d.disconnect_qmp();
+        r
+    }
+
+    /// The names of the disk node's bitmaps.
+    fn bitmaps(&mut self) -> Vec<String> {
+        self.with_qmp(|d| {
+            let nodes = d.execute_ok("query-named-block-nodes", Value::Null);
+            let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
+            n["dirty-bitmaps"]
+                .as_array()
+                // Anonymous bitmaps (a running job's successor) have no name.
+                .map(|a| a.iter().filter_map(|b| Some(b["name"].as_str()?.to_owned())).collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn io(&self, cmds: &[String]) {
+        let mut args = vec!["-f".to_string(), "raw".to_string()];
+        for c in cmds {
+            args.push("-c".into());
+            args.push(c.clone());
+        }
+        args.push(self.uri.clone());
+        qemu_io(&args).unwrap();
+    }
+
+    /// A copy of the disk as it is now (qcow2).
+    fn reference(&self, path: &Path) {
+        qemu_img(["convert", "-f", "raw", "-O", "qcow2", &self.uri, s(path)]).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.d.take() {
+            d.connect_qmp(true).unwrap();
+            d.quit().unwrap();
+        }
+    }
+}
+
+fn push(d: &Daemon, repo: &Path, full: bool) -> Value {
+    let mut args = vec!["backup", "--qmp", s(&d.qmp), "--node", "disk0", "--repo", s(repo)];
+    args.extend(["--bitmap", "b0", "--json"]);
+    if full {
+        args.push("--full");
+    }
+    serde_json::from_str(&ok(bd().args(&args).output().unwrap())).unwrap()
+}
+
+fn compare(restored: &Path, reference: &Path) {
+    let out = qemu_img(["compare", "-f", "raw", "-F", "qcow2", s(restored), s(reference)]).unwrap();
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+fn restore_and_compare(repo: &Path, id: &str, reference: &Path, dir: &Path) {
+    let raw = dir.join(format!("restored-{id}.raw"));
+    let _ = std::fs::remove_file(&raw);
+    ok(bd()
+        .args(["restore", "--repo", s(repo), "--disk", "disk0", "--at", id, "--to", s(&raw), "-q"])
+        .output()
+        .unwrap());
+    compare(&raw, reference);
+    std::fs::remove_file(&raw).unwrap();
+}
+
+/// Full backup, then two incrementals, with writes, zero writes and discards between;
+/// restores of each point in time equal the copies taken then; incrementals copy only
+/// the dirty clusters; the daemon keeps exactly `b0` (no safety bitmap is left).
+fn story(kind: Kind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let mut d = Daemon::start(kind, dir, 128);
+    d.io(&["write -P 1 0 8M".into(), "write -P 2 40M 3M".into(), "write -P 3 100M 64k".into()]);
+    let full = push(&d, &repo, true);
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["bytes-copied"], 11 * MIB + 64 * 1024);
+    d.reference(&dir.join("ref1.qcow2"));
+    assert_eq!(d.bitmaps(), vec!["b0"]);
+
+    d.io(&[
+        "write -P 4 1M 1M".into(),
+        "write -P 5 70M 4k".into(),
+        "write -z 41M 512k".into(),
+        "discard 100M 64k".into(),
+    ]);
+    let inc1 = push(&d, &repo, false);
+    assert_eq!(inc1["parent"], "0001");
+    // 1 MiB + one 64 KiB cluster of data; the zeroed and discarded clusters are zero
+    // clusters in the image, not data.
+    assert_eq!(inc1["bytes-copied"], MIB + 64 * 1024, "{inc1}");
+    d.reference(&dir.join("ref2.qcow2"));
+
+    d.io(&["write -P 6 127M 1M".into(), "write -P 7 3M 128k".into()]);
+    let inc2 = push(&d, &repo, false);
+    assert_eq!(inc2["parent"], "0002");
+    assert_eq!(inc2["bytes-copied"], MIB + 128 * 1024, "{inc2}");
+    d.reference(&dir.join("ref3.qcow2"));
+    assert_eq!(d.bitmaps(), vec!["b0"]);
+
+    ok(bd().args(["verify", "--repo", s(&repo)]).output().unwrap());
+    for (id, r) in [("0001", "ref1"), ("0002", "ref2"), ("0003", "ref3")] {
+        restore_and_compare(&repo, id, &dir.join(format!("{r}.qcow2")), dir);
+    }
+    for id in ["0001", "0002", "0003"] {
+        let img = repo.join("disk0").join(format!("{id}.qcow2"));
+        qemu_img(["check", "-q", s(&img)]).unwrap();
+    }
+    // A second full backup starts a new chain and clears b0 at its point in time.
+    d.io(&["write -P 8 50M 1M".into()]);
+    let full2 = push(&d, &repo, true);
+    assert_eq!(full2["kind"], "full");
+    d.io(&["write -P 9 60M 64k".into()]);
+    let inc3 = push(&d, &repo, false);
+    assert_eq!(inc3["parent"], "0004");
+    assert_eq!(inc3["bytes-copied"], 64 * 1024);
+    d.reference(&dir.join("ref5.qcow2"));
+    restore_and_compare(&repo, "0005", &dir.join("ref5.qcow2"), dir);
+}
+
+#[test]
+fn push_to_qemu_storage_daemon() {
+    story(Kind::Qsd);
+}
+
+#[test]
+fn push_to_blockdelta_serve() {
+    story(Kind::Serve);
+}
+
+/// Refusals change nothing: an incremental without a bitmap, or into an empty
+/// repository; a failing transaction leaves no node or file behind.
+#[test]
+fn refusals_leave_daemon_and_repository_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let mut d = Daemon::start(Kind::Serve, dir, 16);
+    let qmp = d.qmp.clone();
+    let base = ["backup", "--qmp", s(&qmp), "--node", "disk0", "--repo", s(&repo)];
+    let out = bd().args(base).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("take a full backup first"));
+    ok(bd().args(base).args(["--full", "-q"]).output().unwrap());
+    let out = bd().args(base).args(["--bitmap", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dirty bitmap 'nope'"));
+    let out = bd()
+        .args(["backup", "--qmp", s(&qmp), "--node", "nonode", "--repo", s(&repo)])
+        .args(["--disk", "disk0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no block node 'nonode'"));
+    // The bitmap busy (exported): the transaction fails; the target is removed again.
+    d.with_qmp(|q| {
+        q.execute_ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "x",
+                   "writable": true, "bitmaps": ["blockdelta"]}),
+        );
+    });
+    let out = bd().args(base).output().unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.starts_with(".tmp-") || n.starts_with("0002")), "{names:?}");
+    let nodes = d.with_qmp(|q| q.execute_ok("query-named-block-nodes", Value::Null));
+    assert!(!nodes.to_string().contains("bdt-"), "{nodes}");
+    assert_eq!(d.bitmaps(), vec!["blockdelta"]);
+    d.with_qmp(|q| q.execute_ok("block-export-del", json!({"id": "e1"})));
+    ok(bd().args(["verify", "--repo", s(&repo)]).output().unwrap());
+}
+
+/// Clients killed at random moments, with new writes before each: `verify` accepts the
+/// repository every time; every backup that was committed restores to the disk as it
+/// was when its client started; a final backup restores to the disk as it is, so the
+/// bitmap kept every write since the last committed backup; no safety bitmap, orphan
+/// job or node is left.
+fn killed(kind: Kind, rounds: u64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let mut d = Daemon::start(kind, dir, 96);
+    let mut cmds = Vec::new();
+    for i in 0..40u64 {
+        cmds.push(format!("write -P {} {} 1M", i + 1, i * 2 * MIB + MIB));
+    }
+    d.io(&cmds);
+    let qmp = d.qmp.clone();
+    let args = |full: bool| {
+        let mut a = vec!["backup", "--qmp", s(&qmp), "--node", "disk0", "--repo", s(&repo)]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        a.extend(["--bitmap".into(), "b0".into(), "-q".into()]);
+        if full {
+            a.push("--full".into());
+        }
+        a
+    };
+    let t = Instant::now();
+    ok(bd().args(args(true)).output().unwrap());
+    let full_time = t.elapsed();
+    d.io(&["write -P 200 5M 2M".into()]);
+    let t = Instant::now();
+    ok(bd().args(args(false)).output().unwrap());
+    let inc_time = t.elapsed();
+
+    let mut rng = SplitMix64(7 + kind as u64);
+    let mut references: Vec<(String, PathBuf)> = Vec::new();
+    let (mut interrupted, mut pending_seen) = (0, 0);
+    for round in 0..rounds {
+        // New writes, so that losing any bit shows in the final comparison.
+        let mut w = Vec::new();
+        for _ in 0..3 {
+            let off = rng.up_to(95 * 16) * 64 * 1024 + rng.up_to(7) * 4096;
+            w.push(format!("write -P {} {off} {}", 1 + rng.up_to(250), 4096 * (1 + rng.up_to(40))));
+        }
+        d.io(&w);
+        let reference = dir.join(format!("ref-round{round}.qcow2"));
+        d.reference(&reference);
+        let next_id = format!(
+            "{:04}",
+            std::fs::read_dir(repo.join("disk0"))
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
+                    n.ends_with(".json") && !n.starts_with('.')
+                })
+                .count()
+                + 1
+        );
+        let full = round % 5 == 0;
+        let mut child =
+            bd().args(args(full)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let time = if full { full_time } else { inc_time };
+        // Up to 1.5 times the uninterrupted time: recovery of the previous kill makes runs longer.
+        let micros = rng.up_to(time.as_micros() as u64 * 3 / 2 + 1);
+        std::thread::sleep(Duration::from_micros(micros));
+        child.kill().unwrap();
+        if !child.wait().unwrap().success() {
+            interrupted += 1;
+        }
+        if repo.join("disk0").join(format!("{next_id}.json")).exists() {
+            references.push((next_id, reference));
+        }
+        if d.bitmaps().iter().any(|b| b.starts_with("blockdelta-pending/")) {
+            pending_seen += 1;
+        }
+        let out = bd().args(["verify", "--repo", s(&repo)]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{kind:?} round {round} (killed after {micros} µs): verify failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "{kind:?}: {interrupted} of {rounds} clients interrupted, {pending_seen} left a safety \
+         bitmap, {} committed",
+        references.len()
+    );
+    assert!(interrupted >= rounds / 3, "only {interrupted} backups were interrupted");
+    assert!(pending_seen >= 1, "no kill landed between the transaction and the commit");
+
+    // The final backup holds every write: restore equals the disk now.
+    d.io(&["write -P 251 90M 64k".into()]);
+    ok(bd().args(args(false)).output().unwrap());
+    ok(bd().args(["verify", "--repo", s(&repo)]).output().unwrap());
+    let now = dir.join("ref-final.qcow2");
+    d.reference(&now);
+    let raw = dir.join("final.raw");
+    ok(bd()
+        .args(["restore", "--repo", s(&repo), "--disk", "disk0", "--to", s(&raw), "-q"])
+        .output()
+        .unwrap());
+    compare(&raw, &now);
+    for (id, r) in &references {
+        restore_and_compare(&repo, id, r, dir);
+    }
+    assert_eq!(d.bitmaps(), vec!["b0"]);
+    let (jobs, nodes) = d.with_qmp(|q| {
+        (
+            q.execute_ok("query-jobs", Value::Null),
+            q.execute_ok("query-named-block-nodes", Value::Null),
+        )
+    });
+    assert_eq!(jobs, json!([]));
+    assert!(!nodes.to_string().contains("bdt-"), "{nodes}");
+    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.starts_with(".tmp-")), "leftovers: {names:?}");
+}
+
+#[test]
+fn killed_push_backups_never_lose_a_write_blockdelta_serve() {
+    killed(Kind::Serve, 32);
+}
+
+#[test]
+fn killed_push_backups_never_lose_a_write_qemu_storage_daemon() {
+    killed(Kind::Qsd, 32);
+}
