@@ -161,6 +161,68 @@ pub(crate) fn manifest_name(id: &str) -> String {
     format!("{id}.json")
 }
 
+/// What a new backup's manifest records besides its files (which [`commit_backup`]
+/// fills in).
+pub(crate) struct NewBackup {
+    pub(crate) id: String,
+    pub(crate) disk: String,
+    pub(crate) kind: manifest::BackupKind,
+    pub(crate) time: String,
+    pub(crate) time_unix: u64,
+    pub(crate) source: String,
+    pub(crate) bitmap: Option<String>,
+    pub(crate) parent: Option<String>,
+    pub(crate) virtual_size: u64,
+    pub(crate) bytes_read: u64,
+    pub(crate) bytes_copied: u64,
+    pub(crate) checksums: Vec<String>,
+}
+
+/// Makes a backup exist: the synced image and block checksums (under temporary names
+/// in `dir`) take their names, the directory is synced, and the manifest is written
+/// atomically, last. A crash before the manifest's rename leaves files that no manifest
+/// names, which the next backup removes and everything else ignores.
+pub(crate) fn commit_backup(
+    dir: &Path,
+    image_tmp: &Path,
+    sums_tmp: &Path,
+    new: NewBackup,
+) -> Result<Backup> {
+    let sums_bytes = fs::read(sums_tmp).map_err(io_err(sums_tmp, "reading"))?;
+    let sums_sha256 = hash::hex(&hash::sha256(&sums_bytes));
+    drop(sums_bytes);
+    let image_path = dir.join(image_name(&new.id));
+    let sums_path = dir.join(sums_name(&new.id));
+    fsutil::rename(image_tmp, &image_path)?;
+    fsutil::rename(sums_tmp, &sums_path)?;
+    fsutil::fsync_dir(dir)?;
+    let image_bytes = fs::metadata(&image_path).map_err(io_err(&image_path, "stat"))?.len();
+    let manifest = manifest::Manifest {
+        format: manifest::FORMAT,
+        image: image_name(&new.id),
+        sums: sums_name(&new.id),
+        id: new.id,
+        disk: new.disk,
+        kind: new.kind,
+        time: new.time,
+        time_unix: new.time_unix,
+        source: new.source,
+        bitmap: new.bitmap,
+        parent: new.parent,
+        virtual_size: new.virtual_size,
+        bytes_read: new.bytes_read,
+        bytes_copied: new.bytes_copied,
+        image_bytes,
+        sums_sha256,
+        checksum_algorithm: manifest::ALGORITHM.to_owned(),
+        checksum_range: hash::RANGE,
+        checksums: new.checksums,
+    };
+    let manifest_path = dir.join(manifest_name(&manifest.id));
+    fsutil::write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
+    Ok(Backup { manifest, manifest_path, image_path, sums_path })
+}
+
 impl Repository {
     /// Opens an existing repository.
     pub fn open(root: &Path) -> Result<Repository> {

@@ -31,7 +31,7 @@ use qcow2::Qcow2Image;
 
 use super::fsutil::{self, DirLock, TMP_PREFIX};
 use super::hash::{self, LEAF};
-use super::manifest::{self, ALGORITHM, BackupKind, Manifest};
+use super::manifest::{self, BackupKind};
 use super::{Backup, Progress, RepoError, Repository, Result, image_name, io_err, sums_name};
 
 /// What to back up and how.
@@ -448,46 +448,26 @@ pub async fn pull_backup(
             *c = hash::hex(&hash::range_hash(&leaves));
         }
     }
-    let sums_bytes = std::fs::read(&sums_tmp).map_err(io_err(&sums_tmp, "reading"))?;
-    let sums_sha256 = hash::hex(&hash::sha256(&sums_bytes));
-    drop(sums_bytes);
-
-    let image_path = dir.join(image_name(&id));
-    let sums_path = dir.join(sums_name(&id));
-    fsutil::rename(&image_tmp, &image_path)?;
-    fsutil::rename(&sums_tmp, &sums_path)?;
-    fsutil::fsync_dir(&dir)?;
-    let image_bytes = std::fs::metadata(&image_path).map_err(io_err(&image_path, "stat"))?.len();
-    let manifest = Manifest {
-        format: manifest::FORMAT,
-        id: id.clone(),
-        disk: disk.clone(),
-        kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
-        time,
-        time_unix,
-        source: opts.uri.clone(),
-        bitmap: opts.bitmap.clone(),
-        parent: parent.as_ref().map(|p| p.manifest.id.clone()),
-        virtual_size: size,
-        bytes_read,
-        bytes_copied: written.bytes_copied,
-        image: image_name(&id),
-        image_bytes,
-        sums: sums_name(&id),
-        sums_sha256,
-        checksum_algorithm: ALGORITHM.to_owned(),
-        checksum_range: hash::RANGE,
-        checksums,
-    };
-    let manifest_path = dir.join(super::manifest_name(&id));
-    fsutil::write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
-    Ok(PullReport {
-        backup: Backup { manifest, manifest_path, image_path, sums_path },
-        extents,
-        requests,
-        removed,
-        elapsed: started.elapsed(),
-    })
+    let backup = super::commit_backup(
+        &dir,
+        &image_tmp,
+        &sums_tmp,
+        super::NewBackup {
+            id: id.clone(),
+            disk: disk.clone(),
+            kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
+            time,
+            time_unix,
+            source: opts.uri.clone(),
+            bitmap: opts.bitmap.clone(),
+            parent: parent.as_ref().map(|p| p.manifest.id.clone()),
+            virtual_size: size,
+            bytes_read,
+            bytes_copied: written.bytes_copied,
+            checksums,
+        },
+    )?;
+    Ok(PullReport { backup, extents, requests, removed, elapsed: started.elapsed() })
 }
 
 #[cfg(test)]

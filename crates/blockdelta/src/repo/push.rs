@@ -63,7 +63,7 @@ use serde_json::{Value, json};
 
 use super::fsutil::{self, DirLock, TMP_PREFIX};
 use super::hash::{self, LEAF};
-use super::manifest::{self, ALGORITHM, BackupKind, Manifest};
+use super::manifest::{self, BackupKind, Manifest};
 use super::qmp_client::{QmpClient, QmpClientError};
 use super::{
     Backup, Progress, RepoError, Repository, Result, image_name, io_err, manifest_name, sums_name,
@@ -443,51 +443,31 @@ pub fn push_backup(
     sums.sync_all().map_err(io_err(&sums_tmp, "syncing"))?;
     drop(sums);
     fsutil::fsync_file(&image_tmp)?;
-    let sums_bytes = std::fs::read(&sums_tmp).map_err(io_err(&sums_tmp, "reading"))?;
-    let sums_sha256 = hash::hex(&hash::sha256(&sums_bytes));
-    drop(sums_bytes);
-
-    let image_path = dir.join(image_name(&id));
-    let sums_path = dir.join(sums_name(&id));
-    fsutil::rename(&image_tmp, &image_path)?;
-    fsutil::rename(&sums_tmp, &sums_path)?;
-    fsutil::fsync_dir(&dir)?;
-    let image_bytes = std::fs::metadata(&image_path).map_err(io_err(&image_path, "stat"))?.len();
-    let manifest = Manifest {
-        format: manifest::FORMAT,
-        id: id.clone(),
-        disk: disk.clone(),
-        kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
-        time,
-        time_unix,
-        source: source_text(opts, &token),
-        bitmap: Some(bitmap.clone()),
-        parent: parent.as_ref().map(|p| p.manifest.id.clone()),
-        virtual_size: size,
-        bytes_read: bytes_job,
-        bytes_copied,
-        image: image_name(&id),
-        image_bytes,
-        sums: sums_name(&id),
-        sums_sha256,
-        checksum_algorithm: ALGORITHM.to_owned(),
-        checksum_range: hash::RANGE,
-        checksums,
-    };
-    let manifest_path = dir.join(manifest_name(&id));
-    fsutil::write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
+    let backup = super::commit_backup(
+        &dir,
+        &image_tmp,
+        &sums_tmp,
+        super::NewBackup {
+            id: id.clone(),
+            disk: disk.clone(),
+            kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
+            time,
+            time_unix,
+            source: source_text(opts, &token),
+            bitmap: Some(bitmap.clone()),
+            parent: parent.as_ref().map(|p| p.manifest.id.clone()),
+            virtual_size: size,
+            bytes_read: bytes_job,
+            bytes_copied,
+            checksums,
+        },
+    )?;
     // Committed: the safety bitmap's writes are in this backup now.
     if existing.is_some() {
         q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
             .map_err(qmp_err)?;
     }
-    Ok(PushReport {
-        backup: Backup { manifest, manifest_path, image_path, sums_path },
-        recovered,
-        removed,
-        job_time,
-        elapsed: started.elapsed(),
-    })
+    Ok(PushReport { backup, recovered, removed, job_time, elapsed: started.elapsed() })
 }
 
 /// Waits for the job's end; returns the bytes it reports copied (`offset`), or its
