@@ -54,6 +54,12 @@ impl Daemon {
     fn start(kind: Kind, dir: &Path, size_mib: u64) -> Daemon {
         let image = dir.join("disk.qcow2");
         qemu_img(["create", "-q", "-f", "qcow2", s(&image), &format!("{size_mib}M")]).unwrap();
+        Daemon::open(kind, dir)
+    }
+
+    /// A daemon on the existing `dir/disk.qcow2`.
+    fn open(kind: Kind, dir: &Path) -> Daemon {
+        let image = dir.join("disk.qcow2");
         let socket = dir.join("nbd.sock");
         let b: DaemonBuilder = match kind {
             Kind::Qsd => StorageDaemon::qemu(),
@@ -388,4 +394,35 @@ fn killed_push_backups_never_lose_a_write_blockdelta_serve() {
 #[test]
 fn killed_push_backups_never_lose_a_write_qemu_storage_daemon() {
     killed(Kind::Qsd, 32);
+}
+
+/// The bitmap a push `--full` adds is persistent on qcow2: after a clean restart of the
+/// daemon the next incremental still has it, copies only what changed, and restores to
+/// the disk at that point.
+fn chain_survives_restart(kind: Kind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let d = Daemon::start(kind, dir, 64);
+    d.io(&["write -P 1 0 4M".into()]);
+    push(&d, &repo, true);
+    d.io(&["write -P 2 10M 64k".into()]);
+    drop(d); // quit: the bitmap is stored in the image
+    let mut d = Daemon::open(kind, dir);
+    assert_eq!(d.bitmaps(), vec!["b0"], "{kind:?}");
+    d.io(&["write -P 3 20M 64k".into()]);
+    let inc = push(&d, &repo, false);
+    assert_eq!(inc["bytes-copied"], 2 * 64 * 1024, "{kind:?}: {inc}");
+    d.reference(&dir.join("ref.qcow2"));
+    restore_and_compare(&repo, "0002", &dir.join("ref.qcow2"), dir);
+}
+
+#[test]
+fn chain_survives_restart_of_blockdelta_serve() {
+    chain_survives_restart(Kind::Serve);
+}
+
+#[test]
+fn chain_survives_restart_of_qemu_storage_daemon() {
+    chain_survives_restart(Kind::Qsd);
 }

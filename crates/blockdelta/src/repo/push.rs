@@ -353,6 +353,7 @@ pub fn push_backup(
     }
     let bitmaps = bitmaps_of(&record);
     let existing = bitmaps.iter().find(|b| b.name == bitmap).cloned();
+    let persistent = record["drv"] == "qcow2" && record["ro"] != true;
     if !opts.full && existing.is_none() {
         return Err(RepoError::Invalid(format!(
             "node '{}' has no dirty bitmap '{bitmap}': take a full backup (--full), which adds it",
@@ -396,8 +397,10 @@ pub fn push_backup(
         actions.push(match &existing {
             Some(_) => json!({"type": "block-dirty-bitmap-clear", "data": {
                 "node": opts.node, "name": bitmap}}),
+            // Persistent where the image can hold it (qcow2 on a writable node), so
+            // that the chain survives a clean restart of the daemon.
             None => json!({"type": "block-dirty-bitmap-add", "data": {
-                "node": opts.node, "name": bitmap}}),
+                "node": opts.node, "name": bitmap, "persistent": persistent}}),
         });
         actions.push(json!({"type": "blockdev-backup", "data": {
             "job-id": job, "device": opts.node, "target": target, "sync": "full"}}));
