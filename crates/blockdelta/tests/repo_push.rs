@@ -426,3 +426,24 @@ fn chain_survives_restart_of_blockdelta_serve() {
 fn chain_survives_restart_of_qemu_storage_daemon() {
     chain_survives_restart(Kind::Qsd);
 }
+
+/// `--speed` reaches the daemon's job: an incremental of 2 MiB at 1 MiB/s cannot finish
+/// in under a second (a lower bound the rate limit guarantees, not a timing goal).
+#[test]
+fn push_speed_limits_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let d = Daemon::start(Kind::Serve, dir, 64);
+    push(&d, &repo, true);
+    d.io(&["write -P 5 8M 2M".into()]);
+    let started = std::time::Instant::now();
+    let out = bd()
+        .args(["backup", "--qmp", s(&d.qmp), "--node", "disk0", "--repo", s(&repo)])
+        .args(["--bitmap", "b0", "--speed", "1048576", "--json"])
+        .output()
+        .unwrap();
+    let inc: Value = serde_json::from_str(&ok(out)).unwrap();
+    assert_eq!(inc["bytes-copied"], 2 * MIB);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+}

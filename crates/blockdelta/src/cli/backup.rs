@@ -44,6 +44,9 @@ pub struct BackupArgs {
     /// Take a full backup (starts a new chain).
     #[arg(long)]
     full: bool,
+    /// Push mode: the backup job's speed limit in bytes per second (0: unlimited).
+    #[arg(long, value_name = "BYTES", requires = "qmp", default_value_t = 0)]
+    speed: u64,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -70,6 +73,7 @@ pub fn run(args: &BackupArgs) -> anyhow::Result<ExitCode> {
         }
         (None, Some(qmp), Some(node)) => {
             let mut opts = PushOptions::new(qmp.clone(), node.clone());
+            opts.speed = args.speed;
             opts.bitmap = args.bitmap.clone();
             opts.disk = args.disk.clone();
             opts.full = args.full;

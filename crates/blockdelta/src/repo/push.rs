@@ -91,6 +91,9 @@ pub struct PushOptions {
     pub bitmap: Option<String>,
     /// How long to wait for the monitor and for each QMP reply.
     pub timeout: Duration,
+    /// The backup job's speed in bytes per second (0: unlimited), so that a backup
+    /// leaves the disk's bandwidth to its guest.
+    pub speed: u64,
 }
 
 impl PushOptions {
@@ -103,6 +106,7 @@ impl PushOptions {
             full: false,
             bitmap: None,
             timeout: Duration::from_secs(30),
+            speed: 0,
         }
     }
 }
@@ -403,11 +407,12 @@ pub fn push_backup(
                 "node": opts.node, "name": bitmap, "persistent": persistent}}),
         });
         actions.push(json!({"type": "blockdev-backup", "data": {
-            "job-id": job, "device": opts.node, "target": target, "sync": "full"}}));
+            "job-id": job, "device": opts.node, "target": target, "sync": "full",
+            "speed": opts.speed}}));
     } else {
         actions.push(json!({"type": "blockdev-backup", "data": {
             "job-id": job, "device": opts.node, "target": target, "sync": "incremental",
-            "bitmap": bitmap}}));
+            "bitmap": bitmap, "speed": opts.speed}}));
     }
     let job_started = Instant::now();
     if let Err(e) = q.execute("transaction", json!({"actions": actions})) {
