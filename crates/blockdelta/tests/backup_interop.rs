@@ -363,3 +363,83 @@ fn finished_drive_backup_releases_its_target() {
     qemu_img(["info", target.to_str().unwrap()]).unwrap();
     qemu_img(["check", target.to_str().unwrap()]).unwrap();
 }
+
+/// Spec 10.3's failure run as QEMU's own tests build it: the source is qcow2 over
+/// blkdebug over the file, with a read error armed for the host sector of the second
+/// dirty cluster; a bitmap-mode=always backup fails after copying the first, and the
+/// bitmap keeps only the cluster not copied, in both programs.
+#[test]
+fn qcow2_over_blkdebug_read_error_matches_qemu() {
+    let root = tempfile::tempdir().unwrap();
+    let sides: Vec<(Kind, StorageDaemon, PathBuf)> = [Kind::Qemu, Kind::Blockdelta]
+        .into_iter()
+        .map(|kind| {
+            let dir = root.path().join(format!("{kind:?}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let disk = dir.join("d3.qcow2");
+            let p = disk.to_str().unwrap();
+            qemu_img(["create", "-q", "-f", "qcow2", p, SIZE]).unwrap();
+            qemu_img(["bitmap", "--add", p, "bm0"]).unwrap();
+            qemu_io(["-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", p])
+                .unwrap();
+            let target = dir.join("t.qcow2");
+            qemu_img(["create", "-q", "-f", "qcow2", target.to_str().unwrap(), SIZE]).unwrap();
+            let builder: DaemonBuilder = match kind {
+                Kind::Qemu => StorageDaemon::qemu(),
+                Kind::Blockdelta => {
+                    StorageDaemon::builder(env!("CARGO_BIN_EXE_blockdelta")).arg("serve")
+                }
+            };
+            let d = builder
+                .arg("--blockdev")
+                .arg(format!("driver=file,node-name=tfile,filename={}", target.display()))
+                .arg("--blockdev")
+                .arg("driver=qcow2,node-name=tgt0,file=tfile")
+                .start()
+                .unwrap();
+            (kind, d, disk)
+        })
+        .collect();
+    let mut replies = Vec::new();
+    let mut events = Vec::new();
+    let mut bitmaps = Vec::new();
+    let mut completions = Vec::new();
+    for (kind, mut d, disk) in sides {
+        let add = json!({"node-name": "disk0", "driver": "qcow2",
+            "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": disk.to_str().unwrap()},
+                     "inject-error": [{"event": "read_aio", "errno": 5, "sector": 1024,
+                                       "once": true, "immediately": false}]}});
+        d.execute_ok("blockdev-add", add);
+        let r = d.qmp().execute(
+            "blockdev-backup",
+            json!({"job-id": "job0", "device": "disk0", "target": "tgt0", "sync": "bitmap",
+                   "bitmap": "bm0", "bitmap-mode": "always", "x-perf": {"max-workers": 1}}),
+        );
+        replies.push(format!("{r:?}"));
+        let mut done = d.qmp().wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30));
+        done.as_object_mut().unwrap().remove("timestamp");
+        completions.push(done);
+        d.execute_ok("query-version", json!({}));
+        let evs: Vec<Value> = d
+            .qmp()
+            .take_events()
+            .into_iter()
+            .map(|mut e| {
+                e.as_object_mut().unwrap().remove("timestamp");
+                e
+            })
+            .collect();
+        events.push(evs);
+        let nodes = d.execute_ok("query-named-block-nodes", json!({}));
+        let disk0 = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
+        bitmaps.push(disk0["dirty-bitmaps"].clone());
+        assert!(d.quit().unwrap().success(), "{kind:?}");
+    }
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(events[0], events[1]);
+    assert_eq!(bitmaps[0], bitmaps[1]);
+    assert_eq!(completions[0], completions[1]);
+    let completed = &completions[1];
+    assert_eq!(completed["data"]["error"], "Input/output error", "{completed}");
+    assert_eq!(bitmaps[1][0]["count"], 65536, "{}", bitmaps[1]);
+}

@@ -10,9 +10,10 @@
 //!   (spec 9.3).
 //! - `enospc_*`: an incremental whose target file system fills up.
 //!
-//! blkdebug sits under a `raw` node (`raw` → `blkdebug` → `file`), not under qcow2:
-//! blockdelta's qcow2 does its I/O on its file's storage, so blkdebug cannot be its child.
-//! QEMU accepts the same graph, so both daemons run it.
+//! blkdebug sits under a `raw` node (`raw` → `blkdebug` → `file`): there the events
+//! fire exactly as in QEMU (blkdebug under qcow2 works too, with every storage read and
+//! write firing `read_aio`/`write_aio`; `tests/backup_interop.rs` runs spec 10.3's case
+//! that way).
 //!
 //! Fails, never skips, when a tool is missing.
 

@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
 
+use qcow2::storage::Storage;
+
 use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
 use super::options::{OptionsError, OptionsReader, Syntax};
 
@@ -354,43 +356,10 @@ struct Engine {
     state: i64,
 }
 
-/// What a request does after the rules were checked.
-enum Verdict {
-    /// Run it.
-    Run,
-    /// Complete it successfully without running it (negative errno).
-    Skip,
-    /// Fail it.
-    Fail(io::Error),
-}
-
-/// The blkdebug driver over its child node.
-pub struct BlkdebugDriver {
-    child: Arc<Node>,
-    engine: Mutex<Engine>,
-    /// The length seen at open and after resizes through this node: a resize of the
-    /// child alone does not change it (QEMU 10.0.2 behaves so, verified with
-    /// `block_resize` on the child and `query-named-block-nodes`).
-    len: AtomicU64,
-}
-
-impl BlkdebugDriver {
-    /// A blkdebug node over `child` with `config`'s rules; the state starts at 1.
-    pub fn new(child: Arc<Node>, config: BlkdebugConfig) -> Self {
-        let inject = (0u64..).zip(config.inject_error).collect();
-        let engine = Engine { inject, set_state: config.set_state, active: Vec::new(), state: 1 };
-        let len = AtomicU64::new(child.len());
-        BlkdebugDriver { child, engine: Mutex::new(engine), len }
-    }
-
-    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
+impl Engine {
     /// Checks a request of `bytes` at `offset` against the armed rules.
-    fn check(&self, offset: u64, bytes: u64, io: IoType) -> Verdict {
-        let mut engine = self.engine();
-        let Engine { inject, active, .. } = &mut *engine;
+    fn check(&mut self, offset: u64, bytes: u64, io: IoType) -> Verdict {
+        let Engine { inject, active, .. } = self;
         let hit = active.iter().position(|id| {
             inject.iter().find(|(i, _)| i == id).is_some_and(|(_, rule)| {
                 let covers = rule.sector == -1
@@ -414,6 +383,66 @@ impl BlkdebugDriver {
             e if e < 0 => Verdict::Skip,
             e => Verdict::Fail(io::Error::from_raw_os_error(i32::try_from(e).unwrap_or(i32::MAX))),
         }
+    }
+
+    /// An event from the block layer: arms the error rules it names (state
+    /// permitting) and applies the first matching set-state rule.
+    fn event(&mut self, event: DebugEvent) {
+        let state = self.state;
+        let applies = |rule_state: i64| rule_state == 0 || rule_state == state;
+        let armed: Vec<u64> = self
+            .inject
+            .iter()
+            .filter(|(_, r)| r.event == event && applies(r.state))
+            .map(|(id, _)| *id)
+            .collect();
+        if !armed.is_empty() {
+            self.active = armed;
+        }
+        // QEMU looks at the rules newest first, so the first given that matches wins.
+        if let Some(rule) = self.set_state.iter().find(|r| r.event == event && applies(r.state)) {
+            self.state = rule.new_state;
+        }
+    }
+}
+
+/// What a request does after the rules were checked.
+enum Verdict {
+    /// Run it.
+    Run,
+    /// Complete it successfully without running it (negative errno).
+    Skip,
+    /// Fail it.
+    Fail(io::Error),
+}
+
+/// The blkdebug driver over its child node.
+pub struct BlkdebugDriver {
+    child: Arc<Node>,
+    /// Shared with the storage view a qcow2 node above uses ([`BlockDriver::storage`]).
+    engine: Arc<Mutex<Engine>>,
+    /// The length seen at open and after resizes through this node: a resize of the
+    /// child alone does not change it (QEMU 10.0.2 behaves so, verified with
+    /// `block_resize` on the child and `query-named-block-nodes`).
+    len: AtomicU64,
+}
+
+impl BlkdebugDriver {
+    /// A blkdebug node over `child` with `config`'s rules; the state starts at 1.
+    pub fn new(child: Arc<Node>, config: BlkdebugConfig) -> Self {
+        let inject = (0u64..).zip(config.inject_error).collect();
+        let engine = Engine { inject, set_state: config.set_state, active: Vec::new(), state: 1 };
+        let len = AtomicU64::new(child.len());
+        BlkdebugDriver { child, engine: Arc::new(Mutex::new(engine)), len }
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks a request of `bytes` at `offset` against the armed rules.
+    fn check(&self, offset: u64, bytes: u64, io: IoType) -> Verdict {
+        self.engine().check(offset, bytes, io)
     }
 
     /// Runs `f` unless an armed rule says otherwise.
@@ -446,23 +475,18 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn debug_event(&self, event: DebugEvent) -> bool {
-        let mut engine = self.engine();
-        let state = engine.state;
-        let applies = |rule_state: i64| rule_state == 0 || rule_state == state;
-        let armed: Vec<u64> = engine
-            .inject
-            .iter()
-            .filter(|(_, r)| r.event == event && applies(r.state))
-            .map(|(id, _)| *id)
-            .collect();
-        if !armed.is_empty() {
-            engine.active = armed;
-        }
-        // QEMU looks at the rules newest first, so the first given that matches wins.
-        if let Some(rule) = engine.set_state.iter().find(|r| r.event == event && applies(r.state)) {
-            engine.state = rule.new_state;
-        }
+        self.engine().event(event);
         true
+    }
+
+    /// A qcow2 node above this one keeps its image on the file under it; it gets the
+    /// file's storage through the rules, as QEMU's qcow2 reads and writes through its
+    /// blkdebug child. Every read fires `read_aio` and every write `write_aio` first
+    /// (QEMU's qcow2 fires those for data, and other events for metadata; rules with a
+    /// `sector` tell them apart in practice).
+    fn storage(&self) -> Option<Arc<dyn Storage>> {
+        let inner = self.child.storage()?;
+        Some(Arc::new(BlkdebugStorage { engine: self.engine.clone(), inner }))
     }
 
     fn check_resize(&self, _new_len: u64) -> io::Result<()> {
@@ -530,5 +554,78 @@ mod tests {
         assert_eq!(DebugEvent::PWRITEV_ZERO.name(), "pwritev_zero");
         assert_eq!(DebugEvent::PWRITEV_DONE.name(), "pwritev_done");
         assert_eq!(DebugEvent::from_name("bogus"), None);
+    }
+}
+
+/// A file's storage seen through blkdebug's rules (what a qcow2 node above uses).
+struct BlkdebugStorage {
+    engine: Arc<Mutex<Engine>>,
+    inner: Arc<dyn Storage>,
+}
+
+impl BlkdebugStorage {
+    fn run<T>(
+        &self,
+        event: Option<DebugEvent>,
+        offset: u64,
+        bytes: u64,
+        io: IoType,
+        skipped: T,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let verdict = {
+            let mut engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = event {
+                engine.event(e);
+            }
+            engine.check(offset, bytes, io)
+        };
+        match verdict {
+            Verdict::Run => f(),
+            Verdict::Skip => Ok(skipped),
+            Verdict::Fail(e) => Err(e),
+        }
+    }
+}
+
+impl Storage for BlkdebugStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = buf.len() as u64;
+        self.run(Some(DebugEvent::READ_AIO), offset, len, IoType::Read, (), || {
+            self.inner.read_at(buf, offset)
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let len = buf.len() as u64;
+        self.run(Some(DebugEvent::WRITE_AIO), offset, len, IoType::Write, (), || {
+            self.inner.write_at(buf, offset)
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.run(Some(DebugEvent::FLUSH_TO_DISK), 0, 0, IoType::Flush, (), || self.inner.flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(None, offset, len, IoType::Discard, (), || self.inner.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(None, offset, len, IoType::WriteZeroes, (), || {
+            self.inner.write_zeroes(offset, len)
+        })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn release_locks(&self) -> io::Result<()> {
+        self.inner.release_locks()
     }
 }

@@ -138,7 +138,10 @@ impl Qcow2Driver {
     /// Opens the image on `file`'s storage.
     pub fn open(file: Arc<Node>, backing: Backing, writable: bool) -> Result<Self, String> {
         let storage = file.storage().ok_or_else(|| {
-            format!("qcow2 needs a file node under it, not '{}'", file.driver_name())
+            format!(
+                "qcow2 needs a file node (or blkdebug over one) under it, not '{}'",
+                file.driver_name()
+            )
         })?;
         let header =
             qcow2::image::read_header(storage.as_ref(), storage.len().map_err(|e| e.to_string())?)
