@@ -535,28 +535,6 @@ impl BlockDriver for BlkdebugDriver {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_names_round_trip() {
-        for (i, name) in EVENT_NAMES.iter().enumerate() {
-            let e = DebugEvent::from_name(name).unwrap();
-            assert_eq!(usize::from(e.0), i);
-            assert_eq!(e.name(), *name);
-        }
-        assert_eq!(DebugEvent::READ_AIO.name(), "read_aio");
-        assert_eq!(DebugEvent::WRITE_AIO.name(), "write_aio");
-        assert_eq!(DebugEvent::FLUSH_TO_OS.name(), "flush_to_os");
-        assert_eq!(DebugEvent::FLUSH_TO_DISK.name(), "flush_to_disk");
-        assert_eq!(DebugEvent::PWRITEV.name(), "pwritev");
-        assert_eq!(DebugEvent::PWRITEV_ZERO.name(), "pwritev_zero");
-        assert_eq!(DebugEvent::PWRITEV_DONE.name(), "pwritev_done");
-        assert_eq!(DebugEvent::from_name("bogus"), None);
-    }
-}
-
 /// A file's storage seen through blkdebug's rules (what a qcow2 node above uses).
 struct BlkdebugStorage {
     engine: Arc<Mutex<Engine>>,
@@ -627,5 +605,27 @@ impl Storage for BlkdebugStorage {
 
     fn release_locks(&self) -> io::Result<()> {
         self.inner.release_locks()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_round_trip() {
+        for (i, name) in EVENT_NAMES.iter().enumerate() {
+            let e = DebugEvent::from_name(name).unwrap();
+            assert_eq!(usize::from(e.0), i);
+            assert_eq!(e.name(), *name);
+        }
+        assert_eq!(DebugEvent::READ_AIO.name(), "read_aio");
+        assert_eq!(DebugEvent::WRITE_AIO.name(), "write_aio");
+        assert_eq!(DebugEvent::FLUSH_TO_OS.name(), "flush_to_os");
+        assert_eq!(DebugEvent::FLUSH_TO_DISK.name(), "flush_to_disk");
+        assert_eq!(DebugEvent::PWRITEV.name(), "pwritev");
+        assert_eq!(DebugEvent::PWRITEV_ZERO.name(), "pwritev_zero");
+        assert_eq!(DebugEvent::PWRITEV_DONE.name(), "pwritev_done");
+        assert_eq!(DebugEvent::from_name("bogus"), None);
     }
 }
