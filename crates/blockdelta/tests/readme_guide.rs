@@ -32,10 +32,11 @@ fn every_command_of_the_readme_guide_runs() {
     let dir = tmp.path();
     let bin = Path::new(env!("CARGO_BIN_EXE_blockdelta")).parent().unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    // If the guide fails half-way, its daemons must not outlive the test.
+    // If the guide fails half-way, its daemons must not outlive the test. The trap
+    // must not fail itself: a daemon that quit removes its pidfile at any moment.
     let guarded = format!(
-        "set -euo pipefail\ntrap 'for p in serve.pid vm.pid; do [ -s $p ] && kill $(cat $p) \
-         2>/dev/null; done; true' EXIT\n{script}"
+        "set -euo pipefail\ntrap 'set +e; for p in serve.pid vm.pid; do \
+         pid=$(cat $p 2>/dev/null) && kill $pid 2>/dev/null; done; true' EXIT\n{script}"
     );
     let out = Command::new("bash")
         .arg("-c")

@@ -112,13 +112,22 @@ impl QmpClient {
             timeout: DEFAULT_TIMEOUT,
             log_file: None,
         };
-        let greeting = client.read_message(Instant::now() + timeout)?;
-        if greeting.get("QMP").is_none() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("expected a QMP greeting, got {greeting}"),
-            ));
-        }
+        // qemu-storage-daemon 10.0.2 can hand the reply to a command its previous
+        // client sent and left without reading to the next client, before the greeting
+        // (seen after killing a client mid-command): such replies are skipped.
+        let deadline = Instant::now() + timeout;
+        let greeting = loop {
+            let message = client.read_message(deadline)?;
+            if message.get("QMP").is_some() {
+                break message;
+            }
+            if message.get("return").is_none() && message.get("error").is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("expected a QMP greeting, got {message}"),
+                ));
+            }
+        };
         client.greeting = greeting;
         Ok(client)
     }

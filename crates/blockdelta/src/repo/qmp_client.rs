@@ -80,9 +80,17 @@ impl QmpClient {
             next_id: 0,
             timeout,
         };
-        let greeting = c.read_message(Instant::now() + timeout)?;
-        if greeting.get("QMP").is_none() {
-            return Err(c.conn_err(format!("expected a QMP greeting, got {greeting}")));
+        // qemu-storage-daemon 10.0.2 can hand a killed previous client's last reply to
+        // the next client, before the greeting: skip replies until the greeting.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let message = c.read_message(deadline)?;
+            if message.get("QMP").is_some() {
+                break;
+            }
+            if message.get("return").is_none() && message.get("error").is_none() {
+                return Err(c.conn_err(format!("expected a QMP greeting, got {message}")));
+            }
         }
         c.execute("qmp_capabilities", Value::Null)?;
         Ok(c)
@@ -95,7 +103,9 @@ impl QmpClient {
     /// Runs `command` (arguments omitted when `Null`) and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
         self.next_id += 1;
-        let id = json!(format!("blockdelta-{}", self.next_id));
+        // The process id makes ids unique across clients: a killed client's late reply
+        // handed to the next one cannot match the next one's request.
+        let id = json!(format!("blockdelta-{}-{}", std::process::id(), self.next_id));
         let mut msg = json!({"execute": command, "id": id});
         if !arguments.is_null() {
             msg["arguments"] = arguments;
