@@ -112,16 +112,17 @@ impl QmpClient {
             timeout: DEFAULT_TIMEOUT,
             log_file: None,
         };
-        // qemu-storage-daemon 10.0.2 can hand the reply to a command its previous
-        // client sent and left without reading to the next client, before the greeting
-        // (seen after killing a client mid-command): such replies are skipped.
+        // qemu-storage-daemon 10.0.2 can hand what its previous client left unread (a
+        // reply, events) to the next client, before the greeting (seen after killing a
+        // client mid-command): such messages are skipped.
         let deadline = Instant::now() + timeout;
         let greeting = loop {
             let message = client.read_message(deadline)?;
             if message.get("QMP").is_some() {
                 break message;
             }
-            if message.get("return").is_none() && message.get("error").is_none() {
+            let leftover = ["return", "error", "event"].iter().any(|k| message.get(k).is_some());
+            if !leftover {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("expected a QMP greeting, got {message}"),

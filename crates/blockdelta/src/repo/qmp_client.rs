@@ -80,15 +80,16 @@ impl QmpClient {
             next_id: 0,
             timeout,
         };
-        // qemu-storage-daemon 10.0.2 can hand a killed previous client's last reply to
-        // the next client, before the greeting: skip replies until the greeting.
+        // qemu-storage-daemon 10.0.2 can hand what a killed previous client left unread
+        // (a reply, events) to the next client, before the greeting: skip it.
         let deadline = Instant::now() + timeout;
         loop {
             let message = c.read_message(deadline)?;
             if message.get("QMP").is_some() {
                 break;
             }
-            if message.get("return").is_none() && message.get("error").is_none() {
+            let leftover = ["return", "error", "event"].iter().any(|k| message.get(k).is_some());
+            if !leftover {
                 return Err(c.conn_err(format!("expected a QMP greeting, got {message}")));
             }
         }
