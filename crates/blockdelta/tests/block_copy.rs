@@ -63,7 +63,7 @@ fn run_backup(initial: &str) {
     };
     let before = read_all(&source);
     let copy = Arc::new(BlockCopy::new(source.clone(), target.clone(), CLUSTER, mode).unwrap());
-    source.drained(|| source.set_before_write(Some(Arc::new(CopyBeforeWrite(copy.clone())))));
+    let step = source.drained(|| source.add_before_write(Arc::new(CopyBeforeWrite(copy.clone()))));
 
     // sync=none has no background copy.
     let background = {
@@ -71,7 +71,7 @@ fn run_backup(initial: &str) {
         let run = initial != "none";
         thread::spawn(move || {
             while run && let Some(range) = copy.claim_next() {
-                copy.copy_claimed(range, false).unwrap();
+                copy.copy_claimed(range).unwrap();
             }
         })
     };
@@ -85,7 +85,7 @@ fn run_backup(initial: &str) {
         w.join().unwrap();
     }
     background.join().unwrap();
-    source.drained(|| source.set_before_write(None));
+    assert!(source.drained(|| source.remove_before_write(step)));
 
     let after = read_all(&target);
     let now = read_all(&source);
@@ -167,7 +167,7 @@ fn top_copies_only_what_the_top_layer_holds() {
     });
     assert_eq!(copy.remaining(), 3 * CLUSTER);
     while let Some(range) = copy.claim_next() {
-        copy.copy_claimed(range, false).unwrap();
+        copy.copy_claimed(range).unwrap();
     }
     let t = read_all(&target);
     assert!(t[(1 << 20)..(1 << 20) + 131072].iter().all(|&x| x == 3));

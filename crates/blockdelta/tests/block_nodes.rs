@@ -2,7 +2,6 @@
 //! and the write hook that feeds dirty bitmaps (spec 2.8).
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use blockdelta::block::dirty_bitmap::AddBitmap;
@@ -216,7 +215,7 @@ impl BlockDriver for FailingDriver {
 async fn failed_writes_still_dirty_the_bitmap() {
     let driver = FailingDriver { failed: AtomicBool::new(false) };
     let options = NodeOptions { discard_unmap: true, ..Default::default() };
-    let node = Arc::new(Node::new("f", Box::new(driver), options, Vec::new()));
+    let node = Node::new("f", Box::new(driver), options, Vec::new());
     add_bitmap(&node, "b");
     assert_eq!(node.write(vec![1; 512], 0, false).await.unwrap_err().raw_os_error(), Some(5));
     assert!(node.write_zeroes(MIB / 2, 512, ZeroFlags::default()).await.is_err());

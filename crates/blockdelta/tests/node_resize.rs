@@ -506,7 +506,7 @@ fn resize_waits_for_requests_in_flight() {
         entered: entered_tx,
         go: std::sync::Mutex::new(go_rx),
     };
-    let node = Arc::new(Node::new("g", Box::new(driver), NodeOptions::default(), Vec::new()));
+    let node = Node::new("g", Box::new(driver), NodeOptions::default(), Vec::new());
     add(&node, "b");
     let writer = {
         let node = node.clone();

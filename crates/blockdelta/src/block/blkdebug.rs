@@ -36,9 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde_json::Value;
 
-use qcow2::storage::Storage;
-
-use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
+use super::node::{BlockDriver, BlockStatus, IoOrigin, Node, ZeroFlags};
 use super::options::{OptionsError, OptionsReader, Syntax};
 
 /// QEMU's `BlkdebugEvent` names, in QEMU's order.
@@ -479,14 +477,11 @@ impl BlockDriver for BlkdebugDriver {
         true
     }
 
-    /// A qcow2 node above this one keeps its image on the file under it; it gets the
-    /// file's storage through the rules, as QEMU's qcow2 reads and writes through its
-    /// blkdebug child. Every read fires `read_aio` and every write `write_aio` first
-    /// (QEMU's qcow2 fires those for data, and other events for metadata; rules with a
-    /// `sector` tell them apart in practice).
-    fn storage(&self) -> Option<Arc<dyn Storage>> {
-        let inner = self.child.storage()?;
-        Some(Arc::new(BlkdebugStorage { engine: self.engine.clone(), inner }))
+    /// A filter: writes from a format node above may grow the file below, and then
+    /// this node's length follows them (as QEMU updates a node's length after a write
+    /// past its end).
+    fn growable(&self) -> bool {
+        self.child.growable()
     }
 
     fn check_resize(&self, _new_len: u64) -> io::Result<()> {
@@ -502,109 +497,44 @@ impl BlockDriver for BlkdebugDriver {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.guarded(offset, buf.len() as u64, IoType::Read, || {
-            self.child.read_blocking(buf, offset)
+            self.child.io(IoOrigin::Parent).read(buf, offset)
         })
     }
 
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.guarded(offset, buf.len() as u64, IoType::Write, || {
-            self.child.write_blocking(buf, offset, fua)
+            self.child.io(IoOrigin::Parent).write(buf, offset, fua)?;
+            self.len.fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+            Ok(())
         })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         self.guarded(offset, len, IoType::WriteZeroes, || {
-            self.child.write_zeroes_blocking(offset, len, flags)
+            self.child.io(IoOrigin::Parent).write_zeroes(offset, len, flags)?;
+            self.len.fetch_max(offset + len, Ordering::AcqRel);
+            Ok(())
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.guarded(offset, len, IoType::Discard, || self.child.discard_blocking(offset, len))
+        self.guarded(offset, len, IoType::Discard, || {
+            self.child.io(IoOrigin::Parent).discard(offset, len)
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.guarded(0, 0, IoType::Flush, || self.child.flush_blocking())
+        self.guarded(0, 0, IoType::Flush, || self.child.io(IoOrigin::Parent).flush())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         match self.check(offset, len, IoType::BlockStatus) {
             Verdict::Fail(e) => Err(e),
             // A skipped query still needs an answer: the child's.
-            Verdict::Run | Verdict::Skip => self.child.block_status_blocking(offset, len),
-        }
-    }
-}
-
-/// A file's storage seen through blkdebug's rules (what a qcow2 node above uses).
-struct BlkdebugStorage {
-    engine: Arc<Mutex<Engine>>,
-    inner: Arc<dyn Storage>,
-}
-
-impl BlkdebugStorage {
-    fn run<T>(
-        &self,
-        event: Option<DebugEvent>,
-        offset: u64,
-        bytes: u64,
-        io: IoType,
-        skipped: T,
-        f: impl FnOnce() -> io::Result<T>,
-    ) -> io::Result<T> {
-        let verdict = {
-            let mut engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(e) = event {
-                engine.event(e);
+            Verdict::Run | Verdict::Skip => {
+                self.child.io(IoOrigin::Parent).block_status(offset, len)
             }
-            engine.check(offset, bytes, io)
-        };
-        match verdict {
-            Verdict::Run => f(),
-            Verdict::Skip => Ok(skipped),
-            Verdict::Fail(e) => Err(e),
         }
-    }
-}
-
-impl Storage for BlkdebugStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let len = buf.len() as u64;
-        self.run(Some(DebugEvent::READ_AIO), offset, len, IoType::Read, (), || {
-            self.inner.read_at(buf, offset)
-        })
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let len = buf.len() as u64;
-        self.run(Some(DebugEvent::WRITE_AIO), offset, len, IoType::Write, (), || {
-            self.inner.write_at(buf, offset)
-        })
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.run(Some(DebugEvent::FLUSH_TO_DISK), 0, 0, IoType::Flush, (), || self.inner.flush())
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.run(None, offset, len, IoType::Discard, (), || self.inner.discard(offset, len))
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.run(None, offset, len, IoType::WriteZeroes, (), || {
-            self.inner.write_zeroes(offset, len)
-        })
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-
-    fn release_locks(&self) -> io::Result<()> {
-        self.inner.release_locks()
     }
 }
 

@@ -10,7 +10,7 @@ use qcow2::storage::{FileOptions, Locking};
 use serde_json::Value;
 
 use super::blkdebug::{self, BlkdebugDriver};
-use super::file::FileDriver;
+use super::file::{FileDriver, FileLength};
 use super::node::{BlockDriver, DetectZeroes, Node, NodeOptions};
 use super::options::{OptionsError, OptionsReader, Syntax, parse_keyval_or_json, valid_node_name};
 use super::qcow2::{Backing, Qcow2Driver};
@@ -281,7 +281,9 @@ impl BlockGraph {
                     .locking(locking)
                     .open(Path::new(&filename))
                     .map_err(|source| GraphError::Open { path: filename.clone(), source })?;
-                let driver = FileDriver::new(Arc::new(storage))
+                let length =
+                    if options.read_only { FileLength::Measured } else { FileLength::Tracked };
+                let driver = FileDriver::new(Arc::new(storage), length)
                     .map_err(|source| GraphError::Open { path: filename, source })?;
                 (Box::new(driver), Vec::new())
             }
@@ -336,8 +338,7 @@ impl BlockGraph {
                 (Box::new(driver), vec![file])
             }
         };
-        let node =
-            Arc::new(Node::open(&name, driver, options, children).map_err(GraphError::Driver)?);
+        let node = Node::open(&name, driver, options, children).map_err(GraphError::Driver)?;
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         if nodes.contains_key(&name) {
             return Err(GraphError::Duplicate(name));

@@ -3,6 +3,7 @@
 pub mod blkdebug;
 pub mod dirty_bitmap;
 pub mod file;
+pub mod gate;
 pub mod graph;
 pub mod node;
 pub mod options;
@@ -19,5 +20,17 @@ pub fn strerror(e: &std::io::Error) -> String {
     match text.rfind(" (os error ") {
         Some(i) => text[..i].to_string(),
         None => text,
+    }
+}
+
+/// Runs blocking work (a drain, a close with its fsync, a scan, a hash) from async code
+/// without stalling the event loop: on a multi-thread runtime the worker first hands
+/// its other tasks to another thread (`block_in_place`), so NBD, QMP and signals keep
+/// being served. Elsewhere (tests on a current-thread runtime, no runtime) it just runs.
+pub fn off_event_loop<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }

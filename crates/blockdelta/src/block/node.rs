@@ -8,12 +8,15 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use qcow2::storage::Storage;
 
 use super::blkdebug::DebugEvent;
 use super::dirty_bitmap::{BitmapError, BitmapPersistence, LoadedBitmap, NodeBitmaps};
+pub use super::gate::IoOrigin;
+use super::gate::{InFlight, IoGate};
 
 /// What a range of a node holds, as block status reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +67,17 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
-    /// The positional storage of a protocol node (`file`), on which format drivers
-    /// such as qcow2 keep their metadata.
+    /// The host storage of a protocol node (`file`): for image locks and queries of
+    /// the file itself. Format drivers do their I/O through the child node instead.
     fn storage(&self) -> Option<Arc<dyn Storage>> {
         None
+    }
+
+    /// Whether writes from a parent may reach past the end and grow the node, as a
+    /// format driver grows its file (QEMU's protocol nodes). Then the driver's
+    /// [`len`](Self::len) follows the writes.
+    fn growable(&self) -> bool {
+        false
     }
 
     /// The backing node, when the backing image is a node of the graph.
@@ -179,9 +189,16 @@ impl From<ResizeError> for io::Error {
 /// before anything changed (QEMU's default `on-cbw-error=break-guest-write`).
 pub trait BeforeWrite: Send + Sync {
     /// Runs before `len` bytes at `offset` change. Called inside the request: to read
-    /// the node, use [`Node::read_in_request`].
+    /// the node, use `node.io(IoOrigin::Job)`, which never waits at the node's gate.
     fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
 }
+
+/// A node's copy-before-write steps with their handles, oldest first.
+type BeforeWriteSteps = Arc<[(BeforeWriteId, Arc<dyn BeforeWrite>)]>;
+
+/// The handle of a copy-before-write step on a node, to remove exactly that step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BeforeWriteId(u64);
 
 /// `detect-zeroes`: whether writes of all-zero buffers become write-zeroes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -219,16 +236,22 @@ pub struct Node {
     bitmaps: Arc<NodeBitmaps>,
     options: NodeOptions,
     children: Vec<Arc<Node>>,
+    /// The nodes that have this one as a child: a drain quiesces them too.
+    parents: Mutex<Vec<Weak<Node>>>,
     /// Set by the first [`Node::close`], so that dropping the node does not close it
     /// (and store its bitmaps) a second time.
-    closed: std::sync::atomic::AtomicBool,
-    /// Requests hold it shared; a resize holds it exclusively, so that no request
-    /// checked against the old length runs while the length changes.
-    io_gate: RwLock<()>,
-    /// The copy-before-write step, while a backup runs.
-    before_write: RwLock<Option<Arc<dyn BeforeWrite>>>,
+    closed: AtomicBool,
+    /// Which requests may start (drains, resizes; see [`IoGate`]).
+    gate: IoGate,
+    /// The copy-before-write steps, one per backup of this node, oldest first. A
+    /// snapshot is cloned per write (one reference count) so that steps can be added
+    /// and removed while writes run them; `has_before_write` skips even that when
+    /// there are none.
+    before_write: RwLock<BeforeWriteSteps>,
+    has_before_write: AtomicBool,
+    next_step: AtomicU64,
     /// Jobs that need the length fixed (QEMU: the backup filter does not share RESIZE).
-    resize_blockers: std::sync::atomic::AtomicUsize,
+    resize_blockers: AtomicUsize,
 }
 
 impl std::fmt::Debug for Node {
@@ -247,30 +270,40 @@ fn invalid(msg: String) -> io::Error {
 
 impl Node {
     /// A node named `name` over `driver`; `children` are the nodes the driver uses (for
-    /// queries and lifetime).
+    /// queries, lifetime and drains: each child learns its new parent).
     pub fn new(
         name: &str,
         driver: Box<dyn BlockDriver>,
         options: NodeOptions,
         children: Vec<Arc<Node>>,
-    ) -> Self {
+    ) -> Arc<Self> {
         let bitmaps = Arc::new(NodeBitmaps::new(
             name,
             driver.len(),
             driver.cluster_size(),
             driver.bitmap_persistence(),
         ));
-        Node {
-            name: name.to_string(),
-            driver,
-            bitmaps,
-            options,
-            children,
-            closed: std::sync::atomic::AtomicBool::new(false),
-            io_gate: RwLock::new(()),
-            before_write: RwLock::new(None),
-            resize_blockers: std::sync::atomic::AtomicUsize::new(0),
-        }
+        Arc::new_cyclic(|me| {
+            for child in &children {
+                let mut parents = child.parents.lock().unwrap_or_else(PoisonError::into_inner);
+                parents.retain(|p| p.strong_count() > 0);
+                parents.push(me.clone());
+            }
+            Node {
+                name: name.to_string(),
+                driver,
+                bitmaps,
+                options,
+                children,
+                parents: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+                gate: IoGate::new(),
+                before_write: RwLock::new(Arc::from(Vec::new())),
+                has_before_write: AtomicBool::new(false),
+                next_step: AtomicU64::new(0),
+                resize_blockers: AtomicUsize::new(0),
+            }
+        })
     }
 
     /// Like [`new`](Self::new), and takes over the persistent bitmaps the driver loaded
@@ -280,7 +313,7 @@ impl Node {
         driver: Box<dyn BlockDriver>,
         options: NodeOptions,
         children: Vec<Arc<Node>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Arc<Self>, String> {
         let loaded = driver.take_loaded_bitmaps();
         let node = Node::new(name, driver, options, children);
         for bitmap in loaded {
@@ -289,6 +322,18 @@ impl Node {
                 .map_err(|e| format!("Could not load the bitmaps of '{name}': {e}"))?;
         }
         Ok(node)
+    }
+
+    /// The nodes that have this one as a child (those still open).
+    pub fn parents(&self) -> Vec<Arc<Node>> {
+        let parents = self.parents.lock().unwrap_or_else(PoisonError::into_inner);
+        parents.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// I/O on this node as a request of `origin` (see [`IoOrigin`]): a driver uses
+    /// `child.io(IoOrigin::Parent)`, a job `node.io(IoOrigin::Job)`.
+    pub fn io(&self, origin: IoOrigin) -> NodeIo<'_> {
+        NodeIo { node: self, origin }
     }
 
     /// The node's name.
@@ -319,6 +364,11 @@ impl Node {
     /// Whether the node is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether a parent's writes may grow the node ([`BlockDriver::growable`]).
+    pub fn growable(&self) -> bool {
+        self.driver.growable()
     }
 
     /// The host file under the node, if any.
@@ -363,11 +413,6 @@ impl Node {
         }
     }
 
-    /// Holds off resizes while a request runs (shared: requests run concurrently).
-    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.io_gate.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => Ok(()),
@@ -380,10 +425,16 @@ impl Node {
     }
 
     /// Refuses writes to a read-only node, and to a node with a readonly bitmap (EPERM,
-    /// as QEMU).
-    fn check_writable(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// as QEMU); then checks the range. A parent's write may grow a growable node.
+    fn check_writable(&self, offset: u64, len: u64, origin: IoOrigin) -> io::Result<()> {
         if self.options.read_only || self.bitmaps.has_readonly() {
             return Err(io::Error::from_raw_os_error(rustix::io::Errno::PERM.raw_os_error()));
+        }
+        if origin == IoOrigin::Parent && self.driver.growable() {
+            return match offset.checked_add(len) {
+                Some(end) if end <= i64::MAX as u64 => Ok(()),
+                _ => Err(invalid(format!("request of {len} bytes at {offset} is too large"))),
+            };
         }
         self.check_range(offset, len)
     }
@@ -392,7 +443,7 @@ impl Node {
     /// node does when it is closed. Also run, with errors only reported, when the last
     /// reference to the node goes.
     pub fn close(&self) -> io::Result<()> {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.store(true, SeqCst);
         if !self.options.read_only {
             self.bitmaps.store_persistent().map_err(|e| io::Error::other(e.to_string()))?;
         }
@@ -406,17 +457,25 @@ impl Node {
     }
 
     /// Reads `buf.len()` bytes at `offset` if that cannot block (everything it needs is
-    /// cached): async callers then skip the hand-off to a blocking thread. `Ok(false)`
-    /// when it would block, or while a resize holds the node.
+    /// cached, and the node is not drained): async callers then skip the hand-off to a
+    /// blocking thread. `Ok(false)` when it would block.
     pub fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        let Ok(_gate) = self.io_gate.try_read() else { return Ok(false) };
+        self.try_read_nowait_as(IoOrigin::Client, buf, offset)
+    }
+
+    fn try_read_nowait_as(
+        &self,
+        origin: IoOrigin,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<bool> {
+        let Some(_req) = self.gate.try_enter(origin) else { return Ok(false) };
         self.check_range(offset, buf.len() as u64)?;
         self.driver.try_read_nowait(buf, offset)
     }
 
     /// Keeps resizes out (`true`) or lets them in again (`false`); calls nest.
     pub fn block_resize(&self, block: bool) {
-        use std::sync::atomic::Ordering::SeqCst;
         if block {
             self.resize_blockers.fetch_add(1, SeqCst);
         } else {
@@ -429,112 +488,91 @@ impl Node {
         self.driver.cluster_size()
     }
 
-    /// Runs `f` with the node drained: requests in flight have finished and new ones
-    /// wait until `f` returns. What happens in `f` (freezing a bitmap, installing a
-    /// copy-before-write step) is then one point in time for every write.
-    pub fn drained<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _gate = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
+    /// Runs `f` with the node drained (blocking): see [`drain_nodes`].
+    pub fn drained<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
+        let _section = drain_nodes(std::slice::from_ref(self));
         f()
     }
 
-    /// Installs (or, with `None`, removes) the copy-before-write step. Requests already
-    /// past their step are not affected: use [`drained`](Self::drained) for a clean
-    /// point in time.
-    pub fn set_before_write(&self, step: Option<Arc<dyn BeforeWrite>>) {
-        *self.before_write.write().unwrap_or_else(PoisonError::into_inner) = step;
+    /// Adds a copy-before-write step; it runs before every later write, after the steps
+    /// already there. Add it in a drained section for a clean point in time: requests
+    /// already past their steps are not affected.
+    pub fn add_before_write(&self, step: Arc<dyn BeforeWrite>) -> BeforeWriteId {
+        let id = BeforeWriteId(self.next_step.fetch_add(1, SeqCst));
+        let mut steps = self.before_write.write().unwrap_or_else(PoisonError::into_inner);
+        let mut list = steps.to_vec();
+        list.push((id, step));
+        *steps = Arc::from(list);
+        self.has_before_write.store(true, SeqCst);
+        id
     }
 
-    /// Runs the copy-before-write step, if any, for a change of `len` bytes at `offset`.
+    /// Removes the step `id` (and only it); `false` if it was not there.
+    pub fn remove_before_write(&self, id: BeforeWriteId) -> bool {
+        let mut steps = self.before_write.write().unwrap_or_else(PoisonError::into_inner);
+        let list: Vec<_> = steps.iter().filter(|(i, _)| *i != id).cloned().collect();
+        let removed = list.len() != steps.len();
+        self.has_before_write.store(!list.is_empty(), SeqCst);
+        *steps = Arc::from(list);
+        removed
+    }
+
+    /// How many copy-before-write steps the node has (one per backup running).
+    pub fn before_write_steps(&self) -> usize {
+        self.before_write.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Runs the copy-before-write steps, if any, for a change of `len` bytes at
+    /// `offset`, oldest first; the first error fails the request.
     fn run_before_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        let step = self.before_write.read().unwrap_or_else(PoisonError::into_inner).clone();
-        match step {
-            Some(step) => step.before_write(self, offset, len),
-            None => Ok(()),
+        if !self.has_before_write.load(SeqCst) {
+            return Ok(());
         }
-    }
-
-    /// Reads from inside a request (a [`BeforeWrite`] step), which already holds the
-    /// I/O gate: taking it again could deadlock against a waiting resize.
-    pub fn read_in_request(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        self.driver.read(buf, offset)
-    }
-
-    /// Block status from inside a request (see [`read_in_request`](Self::read_in_request)).
-    pub fn block_status_in_request(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        if len == 0 {
-            return Err(invalid("block status of an empty range".into()));
+        let steps = self.before_write.read().unwrap_or_else(PoisonError::into_inner).clone();
+        for (_, step) in steps.iter() {
+            step.before_write(self, offset, len)?;
         }
-        self.check_range(offset, len)?;
-        self.driver.block_status(offset, len)
+        Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` (blocking).
+    /// Reads `buf.len()` bytes at `offset` (blocking, as a client).
     pub fn read_blocking(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let _gate = self.io_shared();
-        self.check_range(offset, buf.len() as u64)?;
-        self.driver.read(buf, offset)
+        self.io(IoOrigin::Client).read(buf, offset)
     }
 
-    /// Writes `buf` at `offset` (blocking), then marks the bitmaps. With
-    /// `detect-zeroes`, an all-zero buffer is written as zeroes.
+    /// Writes `buf` at `offset` (blocking, as a client), then marks the bitmaps.
     pub fn write_blocking(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let _gate = self.io_shared();
-        self.check_writable(offset, buf.len() as u64)?;
-        self.run_before_write(offset, buf.len() as u64)?;
-        let zeroes = self.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
-        // The block layer's events around a write, as QEMU emits them (for blkdebug).
-        self.debug_event(if zeroes { DebugEvent::PWRITEV_ZERO } else { DebugEvent::PWRITEV });
-        let result = if zeroes {
-            let may_unmap = self.options.detect_zeroes == DetectZeroes::Unmap;
-            self.driver.write_zeroes(offset, buf.len() as u64, ZeroFlags { may_unmap, fua })
-        } else {
-            self.driver.write(buf, offset, fua)
-        };
-        self.debug_event(DebugEvent::PWRITEV_DONE);
-        self.bitmaps.set_dirty(offset, buf.len() as u64);
-        result
+        self.io(IoOrigin::Client).write(buf, offset, fua)
     }
 
-    /// Write-zeroes (blocking), then marks the bitmaps.
+    /// Write-zeroes (blocking, as a client), then marks the bitmaps.
     pub fn write_zeroes_blocking(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        let _gate = self.io_shared();
-        self.check_writable(offset, len)?;
-        self.run_before_write(offset, len)?;
-        let flags = ZeroFlags { may_unmap: flags.may_unmap && self.options.discard_unmap, ..flags };
-        self.debug_event(DebugEvent::PWRITEV_ZERO);
-        let result = self.driver.write_zeroes(offset, len, flags);
-        self.debug_event(DebugEvent::PWRITEV_DONE);
-        self.bitmaps.set_dirty(offset, len);
-        result
+        self.io(IoOrigin::Client).write_zeroes(offset, len, flags)
     }
 
-    /// Discard (blocking), then marks the bitmaps. Without `discard=unmap` the request
-    /// is ignored: nothing changes, so nothing is recorded (QEMU 10.0.2 behaves so).
+    /// Discard (blocking, as a client).
     pub fn discard_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _gate = self.io_shared();
-        self.check_writable(offset, len)?;
-        if !self.options.discard_unmap {
-            return Ok(());
-        }
-        self.run_before_write(offset, len)?;
-        let result = self.driver.discard(offset, len);
-        self.bitmaps.set_dirty(offset, len);
-        result
+        self.io(IoOrigin::Client).discard(offset, len)
     }
 
-    /// Flush (blocking).
+    /// Flush (blocking, as a client).
     pub fn flush_blocking(&self) -> io::Result<()> {
-        let _gate = self.io_shared();
-        if self.options.no_flush {
-            return Ok(());
+        self.io(IoOrigin::Client).flush()
+    }
+
+    /// Block status (blocking, as a client).
+    pub fn block_status_blocking(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.io(IoOrigin::Client).block_status(offset, len)
+    }
+
+    /// Sets the written range in the bitmaps; a write that grew the node first grows
+    /// them (QEMU grows a protocol node's bitmaps with the file).
+    fn mark_written(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if end > self.bitmaps.length() && self.driver.growable() {
+            self.bitmaps.grow_to(self.driver.len().max(end));
         }
-        // QEMU emits the flush events on the flushed node's first child.
-        if let Some(child) = self.children.first() {
-            child.debug_event(DebugEvent::FLUSH_TO_OS);
-            child.debug_event(DebugEvent::FLUSH_TO_DISK);
-        }
-        self.driver.flush()
+        self.bitmaps.set_dirty(offset, len);
     }
 
     /// Resizes the node to `new_len` bytes (blocking), with QEMU's rules: refused on a
@@ -543,34 +581,28 @@ impl Node {
     /// past the old end clean, bits before it kept; a shrink drops the bits past the
     /// new end), and persistent ones are stored at that length when the node closes.
     ///
-    /// Requests in flight finish first and new ones wait (the I/O gate), and the bitmap
-    /// lock is held from the check to the new length, so [`len`](Self::len) and
-    /// [`NodeBitmaps::length`] change together as far as any request or bitmap
-    /// operation can see. A format driver resizes its child through the child's
-    /// `resize_blocking`: locks are taken parent first, as requests take them.
+    /// Every request in flight finishes first and new ones wait ([`IoGate::exclusive`]),
+    /// and the bitmap lock is held from the check to the new length, so
+    /// [`len`](Self::len) and [`NodeBitmaps::length`] change together as far as any
+    /// request or bitmap operation can see. A format driver resizes its child through
+    /// the child's `resize_blocking`.
     pub fn resize_blocking(&self, new_len: u64) -> Result<(), ResizeError> {
         if self.options.read_only {
             return Err(ResizeError::ReadOnly);
         }
-        let _gate = self.io_gate.write().unwrap_or_else(PoisonError::into_inner);
-        if self.resize_blockers.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        // A job running on the node refuses at once: its I/O never waits, so waiting
+        // for it to stop could take as long as the job.
+        if self.resize_blockers.load(SeqCst) > 0 {
+            return Err(ResizeError::InUseByJob(self.name.clone()));
+        }
+        let _exclusive = self.gate.exclusive();
+        if self.resize_blockers.load(SeqCst) > 0 {
             return Err(ResizeError::InUseByJob(self.name.clone()));
         }
         self.driver.check_resize(new_len).map_err(ResizeError::Driver)?;
         self.bitmaps
             .resize_with(new_len, || self.driver.resize(new_len).map_err(ResizeError::Driver))
     }
-
-    /// Block status (blocking).
-    pub fn block_status_blocking(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        let _gate = self.io_shared();
-        if len == 0 {
-            return Err(invalid("block status of an empty range".into()));
-        }
-        self.check_range(offset, len)?;
-        self.driver.block_status(offset, len)
-    }
-
     /// Reads `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let node = self.clone();
@@ -624,6 +656,169 @@ impl Node {
         let node = self.clone();
         blocking(move || node.block_status_blocking(offset, len)).await
     }
+}
+
+/// I/O on a node as a request of one origin ([`Node::io`]). Every write, write-zeroes
+/// and passed-down discard runs the node's copy-before-write steps first and marks its
+/// enabled bitmaps when it has finished, whether it succeeded or not.
+#[derive(Clone, Copy)]
+pub struct NodeIo<'a> {
+    node: &'a Node,
+    origin: IoOrigin,
+}
+
+impl NodeIo<'_> {
+    fn enter(&self) -> InFlight<'_> {
+        self.node.gate.enter(self.origin)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let node = self.node;
+        let _req = self.enter();
+        node.check_range(offset, buf.len() as u64)?;
+        node.driver.read(buf, offset)
+    }
+
+    /// Reads only if nothing on the way can block ([`Node::try_read_nowait`]).
+    pub fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.node.try_read_nowait_as(self.origin, buf, offset)
+    }
+
+    /// Writes `buf` at `offset`; with `fua`, durably. With `detect-zeroes`, an all-zero
+    /// buffer is written as zeroes.
+    pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let node = self.node;
+        let len = buf.len() as u64;
+        let _req = self.enter();
+        node.check_writable(offset, len, self.origin)?;
+        node.run_before_write(offset, len)?;
+        let zeroes = node.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
+        // The block layer's events around a write, as QEMU emits them (for blkdebug).
+        node.debug_event(if zeroes { DebugEvent::PWRITEV_ZERO } else { DebugEvent::PWRITEV });
+        let result = if zeroes {
+            let may_unmap = node.options.detect_zeroes == DetectZeroes::Unmap;
+            node.driver.write_zeroes(offset, len, ZeroFlags { may_unmap, fua })
+        } else {
+            node.driver.write(buf, offset, fua)
+        };
+        node.debug_event(DebugEvent::PWRITEV_DONE);
+        node.mark_written(offset, len);
+        result
+    }
+
+    /// Makes a range read as zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let node = self.node;
+        let _req = self.enter();
+        node.check_writable(offset, len, self.origin)?;
+        node.run_before_write(offset, len)?;
+        let flags = ZeroFlags { may_unmap: flags.may_unmap && node.options.discard_unmap, ..flags };
+        node.debug_event(DebugEvent::PWRITEV_ZERO);
+        let result = node.driver.write_zeroes(offset, len, flags);
+        node.debug_event(DebugEvent::PWRITEV_DONE);
+        node.mark_written(offset, len);
+        result
+    }
+
+    /// Deallocates a range. Without `discard=unmap` the request is ignored: nothing
+    /// changes, so nothing is recorded (QEMU 10.0.2 behaves so).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let node = self.node;
+        let _req = self.enter();
+        node.check_writable(offset, len, self.origin)?;
+        if !node.options.discard_unmap {
+            return Ok(());
+        }
+        node.run_before_write(offset, len)?;
+        let result = node.driver.discard(offset, len);
+        node.bitmaps.set_dirty(offset, len);
+        result
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> io::Result<()> {
+        let node = self.node;
+        let _req = self.enter();
+        if node.options.no_flush {
+            return Ok(());
+        }
+        // QEMU emits the flush events on the flushed node's first child.
+        if let Some(child) = node.children.first() {
+            child.debug_event(DebugEvent::FLUSH_TO_OS);
+            child.debug_event(DebugEvent::FLUSH_TO_DISK);
+        }
+        node.driver.flush()
+    }
+
+    /// The status of the range at `offset`, at most `len` bytes of it.
+    pub fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let node = self.node;
+        let _req = self.enter();
+        if len == 0 {
+            return Err(invalid("block status of an empty range".into()));
+        }
+        node.check_range(offset, len)?;
+        node.driver.block_status(offset, len)
+    }
+}
+
+/// A drained section of some nodes and all their ancestors ([`drain_nodes`]); dropping
+/// it lets requests in again. Holding one does not block anything but new client
+/// requests, so it may be held across `.await` points.
+#[must_use]
+pub struct DrainedSection {
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Drop for DrainedSection {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            node.gate.end_quiesce();
+        }
+    }
+}
+
+impl DrainedSection {
+    /// The nodes held (those named and their ancestors).
+    pub fn nodes(&self) -> &[Arc<Node>] {
+        &self.nodes
+    }
+}
+
+/// Drains `nodes` and every node above them (blocking): no client request starts on any
+/// of them until the section is dropped, and none is in flight when this returns, nor
+/// any request a parent driver issued for one. Ancestors are included because their
+/// requests reach these nodes as parent requests, which do not wait (they run inside a
+/// request already counted above). What happens in the section (freezing a bitmap,
+/// adding a copy-before-write step, a transaction's actions) is one point in time for
+/// every write. Sections nest and overlap.
+pub fn drain_nodes(nodes: &[Arc<Node>]) -> DrainedSection {
+    // Breadth first, upwards; each node once.
+    let mut all: Vec<Arc<Node>> = Vec::new();
+    let mut queue: std::collections::VecDeque<Arc<Node>> = nodes.iter().cloned().collect();
+    while let Some(node) = queue.pop_front() {
+        if all.iter().any(|n| Arc::ptr_eq(n, &node)) {
+            continue;
+        }
+        queue.extend(node.parents());
+        all.push(node);
+    }
+    for node in &all {
+        node.gate.quiesce();
+    }
+    // Top first: once the ancestors are idle no parent request comes down any more.
+    // One more pass checks that the order (not always topological in a DAG) missed
+    // nothing.
+    loop {
+        for node in all.iter().rev() {
+            node.gate.wait_idle();
+        }
+        if all.iter().all(|n| n.gate.idle()) {
+            break;
+        }
+    }
+    DrainedSection { nodes: all }
 }
 
 impl Drop for Node {

@@ -1,5 +1,7 @@
-//! The `qcow2` format driver: a [`qcow2::image::Qcow2Image`] on its `file` child's
-//! storage, with an optional backing node.
+//! The `qcow2` format driver: a [`qcow2::image::Qcow2Image`] whose storage is its `file`
+//! child node ([`NodeStorage`]), with an optional backing node. Every data and metadata
+//! read and write of the image is a request of the child, so the child's bitmaps,
+//! copy-before-write steps and blkdebug rules see it, as in QEMU.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,9 @@ use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header};
 use qcow2::image::{OpenOptions, Qcow2Image};
 use qcow2::storage::Storage;
 
+use super::blkdebug::DebugEvent;
 use super::dirty_bitmap::{BitmapPersistence, BitmapToStore, LoadedBitmap};
-use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
+use super::node::{BlockDriver, BlockStatus, IoOrigin, Node, ZeroFlags};
 
 /// The qcow2 format over a file node.
 pub struct Qcow2Driver {
@@ -135,14 +138,9 @@ pub fn to_io(e: Qcow2Error) -> io::Error {
 }
 
 impl Qcow2Driver {
-    /// Opens the image on `file`'s storage.
+    /// Opens the image on the node `file`.
     pub fn open(file: Arc<Node>, backing: Backing, writable: bool) -> Result<Self, String> {
-        let storage = file.storage().ok_or_else(|| {
-            format!(
-                "qcow2 needs a file node (or blkdebug over one) under it, not '{}'",
-                file.driver_name()
-            )
-        })?;
+        let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let header =
             qcow2::image::read_header(storage.as_ref(), storage.len().map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
@@ -354,7 +352,7 @@ impl BlockDriver for Qcow2Driver {
         if let (true, Some(host), false) = (result.data, status.offset, status.compressed)
             && status.depth == 0
         {
-            let file = self.file.block_status_blocking(host, result.len)?;
+            let file = self.file.io(IoOrigin::Parent).block_status(host, result.len)?;
             if file.zero {
                 result.zero = true;
             }
@@ -381,7 +379,7 @@ struct NodeBacking(Arc<Node>);
 
 impl BackingImage for NodeBacking {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2::error::Result<()> {
-        self.0.read_blocking(buf, offset).map_err(|source| Qcow2Error::Io {
+        self.0.io(IoOrigin::Parent).read(buf, offset).map_err(|source| Qcow2Error::Io {
             context: "reading the backing node",
             offset,
             source,
@@ -393,10 +391,8 @@ impl BackingImage for NodeBacking {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> qcow2::error::Result<backing::BlockStatus> {
-        let s = self.0.block_status_blocking(offset, len).map_err(|source| Qcow2Error::Io {
-            context: "block status of the backing node",
-            offset,
-            source,
+        let s = self.0.io(IoOrigin::Parent).block_status(offset, len).map_err(|source| {
+            Qcow2Error::Io { context: "block status of the backing node", offset, source }
         })?;
         let state = match (s.data, s.depth) {
             (true, _) => BlockState::Data,
@@ -411,6 +407,66 @@ impl BackingImage for NodeBacking {
             compressed: false,
             len: s.len,
         })
+    }
+}
+
+/// A child node as the image's storage: every call is a parent request of the node
+/// (`IoOrigin::Parent`), so it passes the node's write hook and copy-before-write
+/// steps, and, like QEMU's qcow2, announces data I/O to the child (`read_aio`,
+/// `write_aio`) for blkdebug rules. Writes may grow a growable child (a file).
+#[derive(Debug)]
+pub struct NodeStorage(pub Arc<Node>);
+
+impl Storage for NodeStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.debug_event(DebugEvent::READ_AIO);
+        // Past the end reads as zeroes (the `Storage` contract); the node refuses it.
+        let len = self.0.len();
+        let inside = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        if inside == 0 {
+            return Ok(());
+        }
+        self.0.io(IoOrigin::Parent).read(&mut buf[..inside], offset)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if offset.saturating_add(buf.len() as u64) > self.0.len() {
+            return Ok(false);
+        }
+        self.0.io(IoOrigin::Parent).try_read_nowait(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.debug_event(DebugEvent::WRITE_AIO);
+        self.0.io(IoOrigin::Parent).write(buf, offset, false)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.0.io(IoOrigin::Parent).flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.io(IoOrigin::Parent).discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.io(IoOrigin::Parent).write_zeroes(offset, len, ZeroFlags::default())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.resize_blocking(len).map_err(io::Error::from)
+    }
+
+    fn release_locks(&self) -> io::Result<()> {
+        match self.0.storage() {
+            Some(storage) => storage.release_locks(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::blkdebug::DebugEvent;
-use super::node::{BlockDriver, BlockStatus, Node, ZeroFlags};
+use super::node::{BlockDriver, BlockStatus, IoOrigin, Node, ZeroFlags};
 
 /// The raw format over a child node.
 pub struct RawDriver {
@@ -83,31 +83,31 @@ impl BlockDriver for RawDriver {
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // QEMU's raw driver announces guest data I/O to its child (for blkdebug).
         self.child.debug_event(DebugEvent::READ_AIO);
-        self.child.read_blocking(buf, self.offset + offset)
+        self.child.io(IoOrigin::Parent).read(buf, self.offset + offset)
     }
 
     fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        self.child.try_read_nowait(buf, self.offset + offset)
+        self.child.io(IoOrigin::Parent).try_read_nowait(buf, self.offset + offset)
     }
 
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.child.debug_event(DebugEvent::WRITE_AIO);
-        self.child.write_blocking(buf, self.offset + offset, fua)
+        self.child.io(IoOrigin::Parent).write(buf, self.offset + offset, fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.child.write_zeroes_blocking(self.offset + offset, len, flags)
+        self.child.io(IoOrigin::Parent).write_zeroes(self.offset + offset, len, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.child.discard_blocking(self.offset + offset, len)
+        self.child.io(IoOrigin::Parent).discard(self.offset + offset, len)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.child.flush_blocking()
+        self.child.io(IoOrigin::Parent).flush()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        self.child.block_status_blocking(self.offset + offset, len)
+        self.child.io(IoOrigin::Parent).block_status(self.offset + offset, len)
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use blockdelta::block::file::FileDriver;
+use blockdelta::block::file::{FileDriver, FileLength};
 use blockdelta::block::node::{Node, NodeOptions};
 use blockdelta::block::qcow2::{Backing, Qcow2Driver};
 use blockdelta::block::raw::RawDriver;
@@ -102,9 +102,12 @@ pub fn open_image(
     let format = probe(&storage, path, format)?;
     let options = NodeOptions { read_only: !writable, ..NodeOptions::default() };
     let could_not_open = |e: String| Failure::new(format!("Could not open '{path}': {e}"));
-    let file_driver =
-        FileDriver::new(Arc::new(storage)).map_err(|e| could_not_open(strerror(&e)))?;
-    let file = Arc::new(Node::new(&node_name(), Box::new(file_driver), options, Vec::new()));
+    let file_driver = FileDriver::new(
+        Arc::new(storage),
+        if writable { FileLength::Tracked } else { FileLength::Measured },
+    )
+    .map_err(|e| could_not_open(strerror(&e)))?;
+    let file = Node::new(&node_name(), Box::new(file_driver), options, Vec::new());
     let node = match format {
         Format::Qcow2 => {
             let driver =
@@ -117,5 +120,5 @@ pub fn open_image(
         }
     }
     .map_err(could_not_open)?;
-    Ok(OpenImage { node: Arc::new(node), format })
+    Ok(OpenImage { node, format })
 }

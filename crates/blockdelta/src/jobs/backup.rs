@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::block::dirty_bitmap::{BitmapError, BitmapId, BitmapSyncMode, Checks, JobOutcome};
 use crate::block::graph::BlockGraph;
-use crate::block::node::Node;
+use crate::block::node::{BeforeWriteId, Node};
 use crate::block::options::{OptionsError, OptionsReader, Syntax};
 
 use super::block_copy::{BlockCopy, CopyBeforeWrite, CopyError, InitialCopy, MAX_CHUNK};
@@ -231,6 +231,9 @@ pub struct Backup {
     source: Arc<Node>,
     target: Arc<Node>,
     copy: Arc<BlockCopy>,
+    /// This backup's copy-before-write step on the source (other backups of the same
+    /// source have their own).
+    step: BeforeWriteId,
     /// The frozen sync bitmap and its mode.
     bitmap: Option<(BitmapId, BitmapSyncMode)>,
     /// Whether the source's resizes are still blocked (until clean-up).
@@ -322,7 +325,11 @@ impl Backup {
         let cluster_size = target.cluster_size().unwrap_or(0).max(MIN_CLUSTER);
         // The point in time: no request in flight while the bitmap freezes and the
         // copy-before-write step goes in.
-        let copy = source.drained(|| -> Result<Arc<BlockCopy>, BackupError> {
+        // The job's length is fixed: no resizes of either node until clean-up. Blocked
+        // before the drain, so that a resize cannot slip in between.
+        source.block_resize(true);
+        target.block_resize(true);
+        let setup = source.drained(|| -> Result<_, BackupError> {
             if let Some((id, _)) = bitmap {
                 source.bitmaps().create_successor(id)?;
             }
@@ -345,12 +352,17 @@ impl Backup {
                     return Err(BackupError::Setup(e.to_string()));
                 }
             };
-            source.set_before_write(Some(Arc::new(CopyBeforeWrite(copy.clone()))));
-            Ok(copy)
-        })?;
-        // The job's length is fixed: no resizes of either node until clean-up.
-        source.block_resize(true);
-        target.block_resize(true);
+            let step = source.add_before_write(Arc::new(CopyBeforeWrite(copy.clone())));
+            Ok((copy, step))
+        });
+        let (copy, step) = match setup {
+            Ok(set) => set,
+            Err(e) => {
+                source.block_resize(false);
+                target.block_resize(false);
+                return Err(e);
+            }
+        };
         Ok(Backup {
             job_id,
             options,
@@ -358,6 +370,7 @@ impl Backup {
             source,
             target,
             copy,
+            step,
             bitmap,
             blocking_resize: Mutex::new(true),
         })
@@ -400,10 +413,12 @@ impl Backup {
         self.source.bitmaps().settle_backup_bitmap(id, mode, outcome, Some(&uncopied)).map(drop)
     }
 
-    /// Clean-up after commit or abort: the copy-before-write step leaves the source's
-    /// write path and resizes are allowed again.
+    /// Clean-up after commit or abort: this backup's copy-before-write step (and only
+    /// it) leaves the source's write path and resizes are allowed again. Writes in
+    /// flight that already ran the step finish first (drained), so none is still
+    /// copying into the target when the job's clean-up goes on.
     pub fn clean(&self) {
-        self.source.drained(|| self.source.set_before_write(None));
+        self.source.drained(|| self.source.remove_before_write(self.step));
         let mut blocking = self.blocking_resize.lock().unwrap_or_else(PoisonError::into_inner);
         if std::mem::take(&mut *blocking) {
             self.source.block_resize(false);
@@ -421,7 +436,7 @@ impl BackupJob {
     /// Copies a claimed range on a blocking thread.
     async fn copy(&self, range: std::ops::Range<u64>) -> Result<(), CopyError> {
         let copy = self.0.copy.clone();
-        match tokio::task::spawn_blocking(move || copy.copy_claimed(range, false)).await {
+        match tokio::task::spawn_blocking(move || copy.copy_claimed(range)).await {
             Ok(result) => result,
             Err(e) => Err(CopyError {
                 operation: IoOperation::Read,
@@ -520,7 +535,8 @@ impl JobDriver for BackupJob {
         let _ = self.0.abort();
     }
 
+    /// Drains the source (waits for writes in flight): off the event loop.
     async fn clean(&self) {
-        self.0.clean();
+        crate::block::off_event_loop(|| self.0.clean());
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use hbitmap::HBitmap;
 
 use super::IoOperation;
-use crate::block::node::{BeforeWrite, Node, ZeroFlags};
+use crate::block::node::{BeforeWrite, IoOrigin, Node, ZeroFlags};
 
 /// Largest run of clusters one background copy takes at once.
 pub const MAX_CHUNK: u64 = 1 << 20;
@@ -109,11 +109,11 @@ impl BlockCopy {
             // the allocated bytes and a failed bitmap-mode=always job hands back only
             // allocated clusters.
             InitialCopy::AllocatedInTop => {
-                // Called while the source is drained (the gate held): query as a
-                // request does.
+                // Called while the source is drained: the job's own request does not
+                // wait at the gate.
                 let mut pos = 0;
                 while pos < len {
-                    let status = source.block_status_in_request(pos, len - pos)?;
+                    let status = source.io(IoOrigin::Job).block_status(pos, len - pos)?;
                     let n = status.len.clamp(1, len - pos);
                     if status.allocated {
                         to_copy.set(pos, n).map_err(|e| {
@@ -190,10 +190,11 @@ impl BlockCopy {
         Some(start..end)
     }
 
-    /// Copies a claimed range (blocking). On failure the clusters go back to the copy
-    /// bitmap, to be copied again later.
-    pub fn copy_claimed(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
-        let result = self.copy_range(range.clone(), inside_request);
+    /// Copies a claimed range (blocking) with the job's own requests, which never wait
+    /// at a gate: a guest write may be waiting for this copy inside copy-before-write.
+    /// On failure the clusters go back to the copy bitmap, to be copied again later.
+    pub fn copy_claimed(&self, range: Range<u64>) -> Result<(), CopyError> {
+        let result = self.copy_range(range.clone());
         let mut st = lock(&self.state);
         for c in range.start / self.cluster_size..range.end.div_ceil(self.cluster_size) {
             st.in_flight.remove(&c);
@@ -214,9 +215,9 @@ impl BlockCopy {
     /// Reads `range` from the source and writes it to the target: areas that read as
     /// zeroes are written as zeroes (no allocation on the target); with sync=top,
     /// areas not allocated in the source's top layer are skipped.
-    fn copy_range(&self, range: Range<u64>, inside_request: bool) -> Result<(), CopyError> {
+    fn copy_range(&self, range: Range<u64>) -> Result<(), CopyError> {
         let mut pos = range.start;
-        self.copy_from(range.clone(), &mut pos, inside_request).map_err(|mut e| {
+        self.copy_from(range.clone(), &mut pos).map_err(|mut e| {
             // Whole clusters before the failing position are on the target.
             e.copied = (pos - range.start) / self.cluster_size * self.cluster_size;
             e
@@ -224,43 +225,27 @@ impl BlockCopy {
     }
 
     /// The copy loop of [`BlockCopy::copy_range`]; `pos` tells where it stopped.
-    fn copy_from(
-        &self,
-        range: Range<u64>,
-        pos: &mut u64,
-        inside_request: bool,
-    ) -> Result<(), CopyError> {
+    fn copy_from(&self, range: Range<u64>, pos: &mut u64) -> Result<(), CopyError> {
         let (read, write) = (on(IoOperation::Read), on(IoOperation::Write));
+        let (source, target) = (self.source.io(IoOrigin::Job), self.target.io(IoOrigin::Job));
         let mut buf = Vec::new();
         while *pos < range.end {
             let at = *pos;
-            let status = if inside_request {
-                self.source.block_status_in_request(at, range.end - at)
-            } else {
-                self.source.block_status_blocking(at, range.end - at)
-            }
-            .map_err(&read)?;
+            let status = source.block_status(at, range.end - at).map_err(&read)?;
             let n = status.len.clamp(1, range.end - at);
             if self.skip_unallocated && !status.allocated {
                 *pos += n;
                 continue;
             }
             if status.zero && !status.data {
-                self.target.write_zeroes_blocking(at, n, ZeroFlags::default()).map_err(&write)?;
+                target.write_zeroes(at, n, ZeroFlags::default()).map_err(&write)?;
             } else {
                 buf.resize(n as usize, 0);
-                if inside_request {
-                    self.source.read_in_request(&mut buf, at)
-                } else {
-                    self.source.read_blocking(&mut buf, at)
-                }
-                .map_err(&read)?;
+                source.read(&mut buf, at).map_err(&read)?;
                 if buf.iter().all(|&b| b == 0) {
-                    self.target
-                        .write_zeroes_blocking(at, n, ZeroFlags::default())
-                        .map_err(&write)?;
+                    target.write_zeroes(at, n, ZeroFlags::default()).map_err(&write)?;
                 } else {
-                    self.target.write_blocking(&buf, at, false).map_err(&write)?;
+                    target.write(&buf, at, false).map_err(&write)?;
                 }
             }
             *pos += n;
@@ -306,7 +291,7 @@ impl BlockCopy {
             drop(st);
             let mut result = Ok(());
             for r in claimed {
-                if let Err(e) = self.copy_claimed(r, true)
+                if let Err(e) = self.copy_claimed(r)
                     && result.is_ok()
                 {
                     result = Err(e.into());

@@ -17,14 +17,19 @@ use serde_json::{Map, Value, json};
 use super::protocol::QmpError;
 use super::{Qmp, bitmap_record, finish, generic, reader};
 use crate::block::node::{DetectZeroes, Node};
+use crate::block::off_event_loop;
 use crate::block::options::Syntax;
 
 /// Runs `name` if it is one of this module's commands; `None` otherwise.
 pub(super) async fn execute(qmp: &Qmp, name: &str, args: Value) -> Option<Result<Value, QmpError>> {
     Some(match name {
-        "blockdev-add" => qmp.graph.add(args, Syntax::Json).map(|_| json!({})).map_err(generic),
-        "blockdev-del" => blockdev_del(qmp, args),
-        "query-named-block-nodes" => query_named_block_nodes(qmp, args),
+        // Opening reads the image, closing stores bitmaps and fsyncs, a query reads
+        // headers and bitmap directories: all off the event loop.
+        "blockdev-add" => {
+            off_event_loop(|| qmp.graph.add(args, Syntax::Json).map(|_| json!({})).map_err(generic))
+        }
+        "blockdev-del" => off_event_loop(|| blockdev_del(qmp, args)),
+        "query-named-block-nodes" => off_event_loop(|| query_named_block_nodes(qmp, args)),
         "query-block" => finish(match reader(args) {
             Ok(r) => r,
             Err(e) => return Some(Err(e)),

@@ -341,7 +341,8 @@ impl JobDriver for DriveBackupJob {
 
     async fn clean(&self) {
         self.inner.clean().await;
-        self.target.release();
+        // Closing the target stores and fsyncs: off the event loop.
+        crate::block::off_event_loop(|| self.target.release());
     }
 
     fn cancel(&self, force: bool) -> bool {

@@ -103,7 +103,9 @@ async fn run(qmp: &Qmp, command: &str, args: Value) -> Result<Value, QmpError> {
             // QEMU creates and starts the job inside a drained section (which also
             // gives running jobs their paused/running pair).
             let mut drain = jobs.drain_all().await;
-            let prepared = create_backup(qmp, options, None, None)?;
+            // Drains the source and may scan it (sync=top): off the event loop.
+            let prepared =
+                crate::block::off_event_loop(|| create_backup(qmp, options, None, None))?;
             drain.include(&prepared.job);
             prepared.job.start().map_err(job_error)?;
             drop(drain);
@@ -113,7 +115,8 @@ async fn run(qmp: &Qmp, command: &str, args: Value) -> Result<Value, QmpError> {
             let args = super::drive_backup::parse(args, "")?;
             // As for blockdev-backup; QEMU also creates and opens the target drained.
             let mut drain = jobs.drain_all().await;
-            let prepared = super::drive_backup::prepare(qmp, args, None)?;
+            let prepared =
+                crate::block::off_event_loop(|| super::drive_backup::prepare(qmp, args, None))?;
             drain.include(&prepared.job);
             prepared.job.start().map_err(job_error)?;
             drop(drain);

@@ -59,6 +59,21 @@ pub struct Qmp {
     exports: Arc<ExportManager>,
     events: broadcast::Sender<Value>,
     quit: Arc<Notify>,
+    /// Called after each prepared action of a `transaction`, inside its drained
+    /// section (tests use it to show that no write lands between two actions).
+    transaction_hook: HookSlot,
+}
+
+/// See [`Qmp::set_transaction_hook`].
+pub type TransactionHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+#[derive(Default)]
+struct HookSlot(std::sync::Mutex<Option<TransactionHook>>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookSlot")
+    }
 }
 
 impl Qmp {
@@ -70,7 +85,26 @@ impl Qmp {
             let _ = sender.send(protocol::event(name, Some(data)));
         });
         let jobs = Arc::new(crate::jobs::JobRegistry::new(sink));
-        Qmp { jobs, command_lock: tokio::sync::Mutex::new(()), graph, exports, events, quit }
+        Qmp {
+            jobs,
+            command_lock: tokio::sync::Mutex::new(()),
+            graph,
+            exports,
+            events,
+            quit,
+            transaction_hook: HookSlot::default(),
+        }
+    }
+
+    /// Test support: `hook(i)` runs after the `i`-th action of every later `transaction`
+    /// is prepared, while the transaction's nodes are drained.
+    #[doc(hidden)]
+    pub fn set_transaction_hook(&self, hook: Option<TransactionHook>) {
+        *self.transaction_hook.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = hook;
+    }
+
+    fn transaction_hook(&self) -> Option<TransactionHook> {
+        self.transaction_hook.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// A receiver of every event emitted from now on.
@@ -120,7 +154,11 @@ impl Qmp {
             | "block-dirty-bitmap-disable"
             | "block-dirty-bitmap-merge"
             | "x-debug-block-dirty-bitmap-sha256" => {
-                bitmap_commands::execute(&self.graph, &cmd.name, args)
+                // Removing a persistent bitmap writes the image; a hash reads every
+                // word of the bitmap.
+                crate::block::off_event_loop(|| {
+                    bitmap_commands::execute(&self.graph, &cmd.name, args)
+                })
             }
             "transaction" => transaction::execute(self, args).await,
             "nbd-server-start" => {

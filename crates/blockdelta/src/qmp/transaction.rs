@@ -10,7 +10,7 @@ use super::bitmap_commands::{add_args, add_node, bitmap_node, merge_args, ref_ar
 use super::protocol::QmpError;
 use super::{Qmp, finish, generic, reader};
 use crate::block::dirty_bitmap::{AddBitmap, BitmapId, BitmapRef, BitsBackup, RemovePending};
-use crate::block::node::Node;
+use crate::block::node::{Node, drain_nodes};
 use crate::block::options::{OptionsReader, Syntax};
 use crate::jobs::backup::BackupOptions;
 use crate::jobs::{Job, JobTxn};
@@ -132,11 +132,25 @@ pub(super) async fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
     }
     // Grouped: every job of the transaction in one job transaction.
     let txn = grouped.then(|| qmp.jobs().new_txn());
-    // Everything happens drained, as QEMU drains all nodes for a transaction.
+    // Everything happens drained, as QEMU drains all nodes for a transaction: jobs
+    // pause, no request starts on any node and none is in flight from the first
+    // preparation to the last commit, so every write lands before all the actions or
+    // after all of them (never between a bitmap's disable and the next one's add).
     let mut drain = qmp.jobs().drain_all().await;
+    let nodes = qmp.graph().nodes_newest_first();
+    let io_drain = crate::block::off_event_loop(|| drain_nodes(&nodes));
+    let hook = qmp.transaction_hook();
     let mut prepared: Vec<Prepared> = Vec::new();
-    for (_, action) in parsed {
-        match prepare(qmp, action, txn) {
+    for (i, (_, action)) in parsed.into_iter().enumerate() {
+        // Preparing may scan (sync=top) or write (a persistent bitmap's removal).
+        let p = crate::block::off_event_loop(|| {
+            let p = prepare(qmp, action, txn);
+            if let Some(hook) = &hook {
+                hook(i);
+            }
+            p
+        });
+        match p {
             Ok(p) => {
                 if let Some(Prepared::Backup(job)) = &p {
                     drain.include(job);
@@ -147,6 +161,7 @@ pub(super) async fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
                 for p in prepared.into_iter().rev() {
                     p.abort().await;
                 }
+                drop(io_drain);
                 drop(drain);
                 return Err(e);
             }
@@ -160,6 +175,7 @@ pub(super) async fn execute(qmp: &Qmp, args: Value) -> Result<Value, QmpError> {
         }
         p.commit();
     }
+    drop(io_drain);
     let mut result = Ok(json!({}));
     for job in started.iter().rev() {
         if let Err(e) = job.start() {

@@ -554,6 +554,30 @@ impl NodeBitmaps {
         }
     }
 
+    /// Grows every bitmap to `new_length` bytes (new bits clean) when the node grew by a
+    /// write past its end, as a file node grows under its format node. No checks: the
+    /// node has already grown, and busy or frozen bitmaps must cover the new bytes too.
+    /// A failed allocation leaves that bitmap at its old length and the node's bitmap
+    /// length too, so the write is then recorded where the bitmaps reach.
+    pub fn grow_to(&self, new_length: u64) {
+        let mut inner = self.lock();
+        if new_length <= inner.length {
+            return;
+        }
+        let old_length = inner.length;
+        // In place (a growing file grows a cluster at a time); on a failed allocation
+        // the bitmaps already grown go back, which cannot fail.
+        for i in 0..inner.bitmaps.len() {
+            if inner.bitmaps[i].bits.truncate(new_length).is_err() {
+                for bitmap in &mut inner.bitmaps[..i] {
+                    let _ = bitmap.bits.truncate(old_length);
+                }
+                return;
+            }
+        }
+        inner.length = new_length;
+    }
+
     /// Whether a readonly bitmap exists; writes to the node must then fail with EPERM.
     pub fn has_readonly(&self) -> bool {
         self.lock().bitmaps.iter().any(|b| b.readonly)
