@@ -379,7 +379,10 @@ pub fn push_backup(
     fsutil::fsync_dir(&dir)?;
 
     let target = format!("{}{id}", node_prefix(&disk));
-    let job = format!("{}{id}", job_prefix(&disk));
+    // The attempt's token makes the job id unique: an orphan job of an earlier attempt
+    // at the same backup id, cancelled by recovery, sends its `BLOCK_JOB_CANCELLED` on
+    // this connection, and it must not be taken for this job's end.
+    let job = format!("{}{id}-{token}", job_prefix(&disk));
     q.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": target, "backing": null,
