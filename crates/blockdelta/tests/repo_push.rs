@@ -7,151 +7,16 @@
 //!
 //! Fails, never skips, when a tool is missing (`scripts/test` installs them).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testkit::qsd::{DaemonBuilder, StorageDaemon};
+use testkit::SplitMix64;
+use testkit::qemu_img;
 use testkit::serde_json::{self, Value, json};
-use testkit::{SplitMix64, qemu_img, qemu_io};
 
-const MIB: u64 = 1 << 20;
-
-fn bd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blockdelta"))
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Qsd,
-    Serve,
-}
-
-/// A daemon with `disk0` (qcow2, writable) exported over NBD, its QMP monitor free for
-/// the client under test.
-struct Daemon {
-    d: Option<StorageDaemon>,
-    uri: String,
-    qmp: PathBuf,
-}
-
-impl Daemon {
-    fn start(kind: Kind, dir: &Path, size_mib: u64) -> Daemon {
-        let image = dir.join("disk.qcow2");
-        qemu_img(["create", "-q", "-f", "qcow2", s(&image), &format!("{size_mib}M")]).unwrap();
-        Daemon::open(kind, dir)
-    }
-
-    /// A daemon on the existing `dir/disk.qcow2`.
-    fn open(kind: Kind, dir: &Path) -> Daemon {
-        let image = dir.join("disk.qcow2");
-        let socket = dir.join("nbd.sock");
-        let b: DaemonBuilder = match kind {
-            Kind::Qsd => StorageDaemon::qemu(),
-            Kind::Serve => StorageDaemon::builder(env!("CARGO_BIN_EXE_blockdelta")).arg("serve"),
-        };
-        let mut d = b
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f0,filename={}", s(&image)))
-            .arg("--blockdev")
-            .arg("driver=qcow2,node-name=disk0,file=f0")
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", s(&socket)))
-            .arg("--export")
-            .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
-            .start()
-            .unwrap_or_else(|e| panic!("{kind:?}: {e:#}"));
-        let qmp = d.qmp_socket();
-        d.disconnect_qmp();
-        Daemon { d: Some(d), uri: format!("nbd+unix:///disk0?socket={}", s(&socket)), qmp }
-    }
-
-    /// Runs `f` on a QMP connection of the test's own, closed afterwards.
-    fn with_qmp<T>(&mut self, f: impl FnOnce(&mut StorageDaemon) -> T) -> T {
-        let d = self.d.as_mut().unwrap();
-        d.connect_qmp(true).unwrap();
-        let r = f(d);
-        d.disconnect_qmp();
-        r
-    }
-
-    /// The names of the disk node's bitmaps.
-    fn bitmaps(&mut self) -> Vec<String> {
-        self.with_qmp(|d| {
-            let nodes = d.execute_ok("query-named-block-nodes", Value::Null);
-            let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
-            n["dirty-bitmaps"]
-                .as_array()
-                // Anonymous bitmaps (a running job's successor) have no name.
-                .map(|a| a.iter().filter_map(|b| Some(b["name"].as_str()?.to_owned())).collect())
-                .unwrap_or_default()
-        })
-    }
-
-    fn io(&self, cmds: &[String]) {
-        let mut args = vec!["-f".to_string(), "raw".to_string()];
-        for c in cmds {
-            args.push("-c".into());
-            args.push(c.clone());
-        }
-        args.push(self.uri.clone());
-        qemu_io(&args).unwrap();
-    }
-
-    /// A copy of the disk as it is now (qcow2).
-    fn reference(&self, path: &Path) {
-        qemu_img(["convert", "-f", "raw", "-O", "qcow2", &self.uri, s(path)]).unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.d.take() {
-            d.connect_qmp(true).unwrap();
-            d.quit().unwrap();
-        }
-    }
-}
-
-fn push(d: &Daemon, repo: &Path, full: bool) -> Value {
-    let mut args = vec!["backup", "--qmp", s(&d.qmp), "--node", "disk0", "--repo", s(repo)];
-    args.extend(["--bitmap", "b0", "--json"]);
-    if full {
-        args.push("--full");
-    }
-    serde_json::from_str(&ok(bd().args(&args).output().unwrap())).unwrap()
-}
-
-fn compare(restored: &Path, reference: &Path) {
-    let out = qemu_img(["compare", "-f", "raw", "-F", "qcow2", s(restored), s(reference)]).unwrap();
-    assert!(out.contains("Images are identical"), "{out}");
-}
-
-fn restore_and_compare(repo: &Path, id: &str, reference: &Path, dir: &Path) {
-    let raw = dir.join(format!("restored-{id}.raw"));
-    let _ = std::fs::remove_file(&raw);
-    ok(bd()
-        .args(["restore", "--repo", s(repo), "--disk", "disk0", "--at", id, "--to", s(&raw), "-q"])
-        .output()
-        .unwrap());
-    compare(&raw, reference);
-    std::fs::remove_file(&raw).unwrap();
-}
+mod common_push;
+use common_push::{Daemon, Kind, MIB, bd, compare, ok, push, restore_and_compare, s};
 
 /// Full backup, then two incrementals, with writes, zero writes and discards between;
 /// restores of each point in time equal the copies taken then; incrementals copy only

@@ -318,6 +318,17 @@ impl StorageDaemon {
         self.terminate().ok_or_else(|| self.annotate(anyhow!("cannot reap the daemon")))
     }
 
+    /// Kills the daemon with SIGKILL, as a crash would stop it (nothing is flushed or
+    /// saved), and reaps it; its exit status.
+    pub fn kill(mut self) -> anyhow::Result<ExitStatus> {
+        self.qmp = None;
+        let mut child =
+            self.child.take().ok_or_else(|| anyhow!("the daemon has already been reaped"))?;
+        // Our unreaped child: the PID cannot have been reused. SIGKILL on Unix.
+        child.kill().context("SIGKILL")?;
+        Ok(child.wait()?)
+    }
+
     /// Waits up to `timeout` for the process to exit by itself; `None` if it is still
     /// running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {

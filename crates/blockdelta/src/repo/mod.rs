@@ -82,6 +82,22 @@ pub enum RepoError {
     /// no parent for an incremental, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A push incremental cannot run because the node's dirty bitmap no longer holds
+    /// every write since the newest backup (it is inconsistent after the daemon stopped
+    /// without saving it, or recovery could not restore it). Nothing was changed; a
+    /// full backup starts tracking anew.
+    #[error(
+        "change tracking was lost: {reason}. An incremental backup cannot know what changed \
+         since the last backup: take a full backup (--full), which starts the bitmap anew"
+    )]
+    TrackingLost {
+        /// The daemon's node.
+        node: String,
+        /// The dirty bitmap.
+        bitmap: String,
+        /// Why the bitmap cannot be used.
+        reason: String,
+    },
     /// The NBD source failed.
     #[error("{source_uri}: {reason}")]
     Source {

@@ -251,7 +251,21 @@ pub async fn pull_backup(
     if let (Some(c), Some(b)) = (&bitmap_ctx, &opts.bitmap)
         && client.context_id(c).is_none()
     {
-        return Err(source_err(&opts.uri, format!("the export has no dirty bitmap '{b}'")));
+        let why = if opts.full {
+            format!(
+                "the export has no dirty bitmap '{b}' (meta context {c}) to record for the next \
+                 incremental: export it with the disk, or leave out --bitmap"
+            )
+        } else {
+            format!(
+                "the export has no dirty bitmap '{b}' (meta context {c}), which an incremental \
+                 backup needs to know what changed: export it with the disk; if the daemon \
+                 refuses because the bitmap is inconsistent (the daemon stopped without saving \
+                 it, so change tracking was lost), take a full backup (--full) and add a new \
+                 bitmap at its instant"
+            )
+        };
+        return Err(source_err(&opts.uri, why));
     }
     let walk_ctx = if opts.full { "base:allocation" } else { bitmap_ctx.as_deref().unwrap_or("") };
     let walk_id = client

@@ -12,7 +12,8 @@
 //!    name) and `blockdev-add` it (qcow2 over file, `backing: null`: the job writes only
 //!    whole clusters, so the daemon never needs the parent's data).
 //! 3. One `transaction`, i.e. one instant: the *safety bitmap* (below), then for a full
-//!    backup `block-dirty-bitmap-clear NAME` (or `-add`), then `blockdev-backup`
+//!    backup `block-dirty-bitmap-clear NAME` (or `-add` when NAME is absent, `-remove`
+//!    when it is inconsistent: see *After a daemon crash*), then `blockdev-backup`
 //!    (`sync=full`, or `sync=incremental bitmap=NAME` with the default
 //!    `bitmap-mode=on-success`: on success NAME keeps exactly the writes made since the
 //!    job started, i.e. since this backup's point in time; on failure it is reclaimed).
@@ -43,14 +44,54 @@
 //! is removed, which restores NAME to a superset of the writes since the newest
 //! manifest; a superset costs copying a little more, never a missed write.
 //!
+//! A full backup where NAME holds no valid bits (NAME absent, or inconsistent) adds a
+//! *fresh* S instead (its token ends in `-fresh`): empty at the instant, recording from
+//! then on. Merging it back could not restore NAME: it lacks every write between the
+//! newest committed backup and the instant. So an uncommitted fresh S makes NAME
+//! unusable instead (below), and the next backup must be full.
+//!
 //! [`recover`] runs at the start of every push backup of the disk (under the lock, so
 //! never beside a live client): it cancels this disk's orphan jobs and waits for them
 //! to go (a cancel reclaims NAME; a job that already completed left S), deletes orphan
-//! target nodes, then settles each S: committed (its manifest exists and records its
-//! token) → removed; otherwise → merged into NAME (NAME re-created if it is gone), then
-//! removed. Each step is idempotent, so a client killed during recovery is recovered by
-//! the next one.
+//! target nodes, then settles the safety bitmaps of each NAME:
+//!
+//! - committed (its manifest exists and records its token) → removed;
+//! - uncommitted, and inconsistent (its bits are unknown) or fresh: NAME cannot be
+//!   restored to a superset, so NAME must not serve an incremental: one `transaction`
+//!   removes NAME (unless NAME is itself inconsistent, which is unusable as it is and
+//!   says so to the next incremental) and every S of NAME; the incremental of that run
+//!   is refused with [`RepoError::TrackingLost`] saying why, and later ones find NAME
+//!   absent (or inconsistent): the next backup must be full. Never a silent loss.
+//! - otherwise → merged into NAME (NAME re-created if it is gone; if NAME is
+//!   inconsistent, it is removed first and re-created from the S, which hold every
+//!   write it should), then removed.
+//!
+//! Each step is idempotent, so a client killed during recovery is recovered by the next
+//! one. Job ids carry the attempt's token, so a new job never takes the end of an orphan
+//! job with the same backup id for its own.
+//!
+//! # After a daemon crash: inconsistent bitmaps
+//!
+//! A persistent bitmap is marked in use in the qcow2 image while a daemon has the image
+//! open for writing, and stored (flag cleared) on a clean stop. A daemon that crashes or
+//! is killed leaves the flag set, and the next daemon loads the bitmap as
+//! *inconsistent* (`"inconsistent": true` in `query-named-block-nodes`): disabled, no
+//! bits, usable only by `block-dirty-bitmap-remove`. Change tracking is lost.
+//!
+//! - An incremental then fails before changing anything, with
+//!   [`RepoError::TrackingLost`]: the daemon stopped without saving the bitmap, take a
+//!   full backup (`--full`).
+//! - `--full` replaces NAME: the transaction removes the inconsistent NAME at the
+//!   instant and adds a fresh S; right after it, a second transaction adds NAME
+//!   (same granularity, persistent where the image can hold it) and merges S into it,
+//!   so NAME holds exactly the writes since the instant and records from then on.
+//!   The add cannot be in the backup's transaction: both qemu-storage-daemon 10.0.2
+//!   and `blockdelta serve` keep a bitmap removed in a transaction until the
+//!   transaction commits, so an add of the same name in it fails (`Bitmap already
+//!   exists`). If that second transaction fails, recovery cancels the job and the
+//!   backup fails; NAME is then absent, and the next backup must be full again.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -146,12 +187,18 @@ fn node_prefix(disk: &str) -> String {
     format!("bdt-{}-", disk_tag(disk))
 }
 
+/// The end of a *fresh* safety bitmap's token: one that a full backup adds empty
+/// because NAME held no valid bits at its instant (NAME absent or inconsistent). Its
+/// bits are writes since that instant only, so it can never restore NAME.
+const FRESH: &str = "-fresh";
+
 /// A parsed safety bitmap name.
 struct Pending {
     full_name: String,
     id: String,
     token: String,
     bitmap: String,
+    fresh: bool,
 }
 
 fn parse_pending(name: &str, disk: &str) -> Option<Pending> {
@@ -163,6 +210,7 @@ fn parse_pending(name: &str, disk: &str) -> Option<Pending> {
         id: id.to_owned(),
         token: token.to_owned(),
         bitmap: bitmap.to_owned(),
+        fresh: token.ends_with(FRESH),
     })
 }
 
@@ -178,6 +226,9 @@ struct BitmapInfo {
     name: String,
     granularity: u64,
     persistent: bool,
+    /// Found in use in the image when the daemon opened it (the daemon stopped without
+    /// saving it): its bits are unknown; it can only be removed.
+    inconsistent: bool,
 }
 
 /// The node's record from `query-named-block-nodes`.
@@ -200,6 +251,7 @@ fn bitmaps_of(record: &Value) -> Vec<BitmapInfo> {
                         name: b["name"].as_str()?.to_owned(),
                         granularity: b["granularity"].as_u64().unwrap_or(65536),
                         persistent: b["persistent"].as_bool().unwrap_or(false),
+                        inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
                     })
                 })
                 .collect()
@@ -207,10 +259,22 @@ fn bitmaps_of(record: &Value) -> Vec<BitmapInfo> {
         .unwrap_or_default()
 }
 
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// One line per step taken.
+    pub done: Vec<String>,
+    /// Bitmaps that could not be restored to hold every write since the newest backup,
+    /// with the reason: each was removed (or left inconsistent), so that the next backup
+    /// with it must be full.
+    pub lost: Vec<(String, String)>,
+}
+
 /// Brings the daemon back to a settled state after interrupted push backups of `disk`
-/// (see the module docs). Must run under the disk's lock. Returns what it did.
-pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<Vec<String>> {
-    let mut done = Vec::new();
+/// (see the module docs). Must run under the disk's lock.
+pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<Recovery> {
+    let mut rec = Recovery::default();
+    let done = &mut rec.done;
     // 1. Orphan jobs: cancel (which reclaims the bitmap) and wait until they are gone.
     let jp = job_prefix(disk);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -259,42 +323,112 @@ pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<
             done.push(format!("orphan target node {name}: deleted"));
         }
     }
-    // 3. Safety bitmaps.
+    // 3. Safety bitmaps, per bitmap they guard.
     let record = node_record(q, node)?;
     let bitmaps = bitmaps_of(&record);
+    let mut guarded: BTreeMap<String, Vec<(Pending, &BitmapInfo)>> = BTreeMap::new();
     for b in &bitmaps {
-        let Some(p) = parse_pending(&b.name, disk) else { continue };
-        let committed = Manifest::load(&dir.join(manifest_name(&p.id)), disk, &p.id)
-            .map(|m| m.source.ends_with(&format!("attempt={}", p.token)))
-            .unwrap_or(false);
-        if !committed {
-            settle_back(q, node, &bitmaps, &p.full_name, &p.bitmap, b)?;
-            done.push(format!("bitmap '{}': merged back from {}", p.bitmap, p.full_name));
+        if let Some(p) = parse_pending(&b.name, disk) {
+            guarded.entry(p.bitmap.clone()).or_default().push((p, b));
         }
-        q.execute("block-dirty-bitmap-remove", json!({"node": node, "name": p.full_name}))
-            .map_err(qmp_err)?;
-        done.push(format!("safety bitmap {} removed", p.full_name));
     }
-    Ok(done)
+    for (name, safety) in guarded {
+        let target = bitmaps.iter().find(|b| b.name == name);
+        let uncommitted: Vec<&(Pending, &BitmapInfo)> = safety
+            .iter()
+            .filter(|(p, _)| {
+                !Manifest::load(&dir.join(manifest_name(&p.id)), disk, &p.id)
+                    .map(|m| m.source.ends_with(&format!("attempt={}", p.token)))
+                    .unwrap_or(false)
+            })
+            .collect();
+        // An uncommitted safety bitmap that is inconsistent (its bits are unknown) or
+        // fresh (it started empty: NAME had no valid bits at that full backup's
+        // instant) cannot restore NAME: NAME is made unusable instead.
+        let why_lost = uncommitted.iter().find_map(|(p, info)| {
+            if info.inconsistent {
+                Some(format!(
+                    "safety bitmap '{}' of an interrupted backup is inconsistent (the daemon \
+                     stopped without saving it), so bitmap '{name}' cannot get back the writes \
+                     it held",
+                    p.full_name
+                ))
+            } else if p.fresh {
+                Some(format!(
+                    "full backup {} was interrupted before it was committed, and bitmap \
+                     '{name}' only tracks writes since it started",
+                    p.id
+                ))
+            } else {
+                None
+            }
+        });
+        let mut actions = Vec::new();
+        if let Some(why) = why_lost {
+            // One transaction: NAME (an inconsistent NAME is unusable as it is, and says so
+            // to the next incremental) and every safety bitmap of it.
+            if let Some(t) = target
+                && !t.inconsistent
+            {
+                actions.push(json!({"type": "block-dirty-bitmap-remove", "data": {
+                    "node": node, "name": name}}));
+            }
+            for (p, _) in &safety {
+                actions.push(json!({"type": "block-dirty-bitmap-remove", "data": {
+                    "node": node, "name": p.full_name}}));
+            }
+            q.execute("transaction", json!({"actions": actions})).map_err(qmp_err)?;
+            let what = if target.is_some_and(|t| !t.inconsistent) {
+                "removed with its safety bitmaps"
+            } else {
+                "its safety bitmaps removed"
+            };
+            done.push(format!("bitmap '{name}' cannot be restored ({why}): {what}"));
+            rec.lost.push((name.clone(), why));
+            continue;
+        }
+        if !uncommitted.is_empty() {
+            settle_back(q, node, target, &name, &uncommitted)?;
+            for (p, _) in &uncommitted {
+                done.push(format!("bitmap '{name}': merged back from {}", p.full_name));
+            }
+        }
+        for (p, _) in &safety {
+            q.execute("block-dirty-bitmap-remove", json!({"node": node, "name": p.full_name}))
+                .map_err(qmp_err)?;
+            done.push(format!("safety bitmap {} removed", p.full_name));
+        }
+    }
+    Ok(rec)
 }
 
-/// Merges safety bitmap `s` into `name`, re-creating `name` if it is gone.
+/// Merges the safety bitmaps `safety` into `name`, re-creating `name` if it is gone or
+/// inconsistent (the safety bitmaps hold every write it should hold).
 fn settle_back(
     q: &mut QmpClient,
     node: &str,
-    bitmaps: &[BitmapInfo],
-    s: &str,
+    target: Option<&BitmapInfo>,
     name: &str,
-    s_info: &BitmapInfo,
+    safety: &[&(Pending, &BitmapInfo)],
 ) -> Result<()> {
-    let mut actions = Vec::new();
-    if !bitmaps.iter().any(|b| b.name == name) {
-        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": node, "name": name, "granularity": s_info.granularity,
-            "persistent": s_info.persistent}}));
+    let Some((_, first)) = safety.first() else { return Ok(()) };
+    let inconsistent = target.is_some_and(|t| t.inconsistent);
+    if inconsistent {
+        // A merge cannot target an inconsistent bitmap, and an add of the same name
+        // cannot share a transaction with its removal (the removal takes effect at
+        // commit). Killed here, the next recovery finds NAME gone and re-adds it.
+        q.execute("block-dirty-bitmap-remove", json!({"node": node, "name": name}))
+            .map_err(qmp_err)?;
     }
+    let mut actions = Vec::new();
+    if target.is_none() || inconsistent {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": node, "name": name, "granularity": first.granularity,
+            "persistent": first.persistent}}));
+    }
+    let sources: Vec<&str> = safety.iter().map(|(p, _)| p.full_name.as_str()).collect();
     actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
-        "node": node, "target": name, "bitmaps": [s]}}));
+        "node": node, "target": name, "bitmaps": sources}}));
     q.execute("transaction", json!({"actions": actions})).map_err(qmp_err)?;
     Ok(())
 }
@@ -334,7 +468,7 @@ pub fn push_backup(
     let dir = dir.canonicalize().map_err(io_err(&dir, "resolving"))?;
     let _lock = DirLock::acquire(&dir)?;
     let mut q = QmpClient::connect(&opts.qmp, opts.timeout).map_err(qmp_err)?;
-    let recovered = recover(&mut q, &opts.node, &disk, &dir)?;
+    let recovery = recover(&mut q, &opts.node, &disk, &dir)?;
 
     let backups = repo.backups(&disk)?;
     let parent =
@@ -358,16 +492,40 @@ pub fn push_backup(
     let bitmaps = bitmaps_of(&record);
     let existing = bitmaps.iter().find(|b| b.name == bitmap).cloned();
     let persistent = record["drv"] == "qcow2" && record["ro"] != true;
-    if !opts.full && existing.is_none() {
-        return Err(RepoError::Invalid(format!(
-            "node '{}' has no dirty bitmap '{bitmap}': take a full backup (--full), which adds it",
-            opts.node
-        )));
+    if !opts.full {
+        let lost = |reason: String| RepoError::TrackingLost {
+            node: opts.node.clone(),
+            bitmap: bitmap.clone(),
+            reason,
+        };
+        if let Some((_, why)) = recovery.lost.iter().find(|(b, _)| *b == bitmap) {
+            return Err(lost(why.clone()));
+        }
+        match &existing {
+            None => {
+                return Err(RepoError::Invalid(format!(
+                    "node '{}' has no dirty bitmap '{bitmap}': take a full backup (--full), \
+                     which adds it",
+                    opts.node
+                )));
+            }
+            Some(b) if b.inconsistent => {
+                return Err(lost(format!(
+                    "dirty bitmap '{bitmap}' of node '{}' is inconsistent: the daemon stopped \
+                     without saving it (it crashed or was killed), so it may miss writes",
+                    opts.node
+                )));
+            }
+            Some(_) => {}
+        }
     }
+    // NAME's bits, when they are valid: every write since the newest backup.
+    let base = existing.as_ref().filter(|b| !b.inconsistent);
     let removed = fsutil::remove_leftovers(&dir)?;
 
     let id = super::pull::next_id(&backups);
-    let token = format!("{time_unix}.{}", std::process::id());
+    let fresh = if base.is_some() { "" } else { FRESH };
+    let token = format!("{time_unix}.{}{fresh}", std::process::id());
     let image_tmp = dir.join(format!("{TMP_PREFIX}{}", image_name(&id)));
     let sums_tmp = dir.join(format!("{TMP_PREFIX}{}", sums_name(&id)));
     let mut create = qcow2::create::CreateOptions::new(size);
@@ -379,7 +537,10 @@ pub fn push_backup(
     fsutil::fsync_dir(&dir)?;
 
     let target = format!("{}{id}", node_prefix(&disk));
-    let job = format!("{}{id}", job_prefix(&disk));
+    // The attempt's token makes the job id unique: an orphan job of an earlier attempt
+    // at the same backup id, cancelled by recovery, sends its `BLOCK_JOB_CANCELLED` on
+    // this connection, and it must not be taken for this job's end.
+    let job = format!("{}{id}-{token}", job_prefix(&disk));
     q.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": target, "backing": null,
@@ -390,19 +551,42 @@ pub fn push_backup(
     // The transaction: safety bitmap, NAME reset for a full backup, the job.
     let safety = format!("{PENDING_PREFIX}{disk}/{id}/{token}/{bitmap}");
     let mut actions = Vec::new();
+    // A safety bitmap always: with NAME's bits when they are valid; otherwise (a full
+    // backup where NAME is absent or inconsistent) empty, and *fresh*: then it records
+    // from the instant only, and recovery of an uncommitted attempt removes NAME
+    // instead of merging it back. NAME's granularity is kept; a new NAME is persistent
+    // where the image can hold it (qcow2 on a writable node), so that the chain
+    // survives a clean restart of the daemon.
+    let mut add_safety = json!({"node": opts.node, "name": safety,
+        "persistent": base.map_or(persistent, |b| b.persistent)});
     if let Some(b) = &existing {
-        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": opts.node, "name": safety, "granularity": b.granularity,
-            "persistent": b.persistent}}));
+        add_safety["granularity"] = json!(b.granularity);
+    }
+    actions.push(json!({"type": "block-dirty-bitmap-add", "data": add_safety}));
+    if base.is_some() {
         actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
             "node": opts.node, "target": safety, "bitmaps": [bitmap]}}));
     }
+    // After the transaction: NAME re-created from the fresh safety bitmap.
+    let mut replace = None;
     if opts.full {
         actions.push(match &existing {
-            Some(_) => json!({"type": "block-dirty-bitmap-clear", "data": {
+            Some(b) if !b.inconsistent => json!({"type": "block-dirty-bitmap-clear", "data": {
                 "node": opts.node, "name": bitmap}}),
-            // Persistent where the image can hold it (qcow2 on a writable node), so
-            // that the chain survives a clean restart of the daemon.
+            // Inconsistent: removed at the instant. Its replacement cannot be added in
+            // the same transaction (both daemons refuse the name until the removal
+            // commits), so it is added right after and given the fresh safety bitmap's
+            // bits: the writes since the instant, exactly.
+            Some(b) => {
+                replace = Some(json!({"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {"node": opts.node,
+                        "name": bitmap, "granularity": b.granularity,
+                        "persistent": persistent}},
+                    {"type": "block-dirty-bitmap-merge", "data": {"node": opts.node,
+                        "target": bitmap, "bitmaps": [safety]}}]}));
+                json!({"type": "block-dirty-bitmap-remove", "data": {
+                    "node": opts.node, "name": bitmap}})
+            }
             None => json!({"type": "block-dirty-bitmap-add", "data": {
                 "node": opts.node, "name": bitmap, "persistent": persistent}}),
         });
@@ -418,6 +602,14 @@ pub fn push_backup(
     if let Err(e) = q.execute("transaction", json!({"actions": actions})) {
         // Nothing happened in the daemon but the target node: remove it and the file.
         let _ = q.execute("blockdev-del", json!({"node-name": target}));
+        let _ = std::fs::remove_file(&image_tmp);
+        return Err(qmp_err(e));
+    }
+    if let Some(r) = replace
+        && let Err(e) = q.execute("transaction", r)
+    {
+        // The job runs without NAME: recovery cancels it and removes what it made.
+        let _ = recover(&mut q, &opts.node, &disk, &dir);
         let _ = std::fs::remove_file(&image_tmp);
         return Err(qmp_err(e));
     }
@@ -471,11 +663,15 @@ pub fn push_backup(
         },
     )?;
     // Committed: the safety bitmap's writes are in this backup now.
-    if existing.is_some() {
-        q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
-            .map_err(qmp_err)?;
-    }
-    Ok(PushReport { backup, recovered, removed, job_time, elapsed: started.elapsed() })
+    q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
+        .map_err(qmp_err)?;
+    Ok(PushReport {
+        backup,
+        recovered: recovery.done,
+        removed,
+        job_time,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Waits for the job's end; returns the bytes it reports copied (`offset`), or its
