@@ -561,3 +561,68 @@ fn sigint_stores_bitmaps_too() {
     assert!(!info.contains("in-use"), "{info}");
     assert_eq!(info.matches("\"auto\"").count(), 1, "{info}");
 }
+
+/// A supervisor may signal the daemon as soon as it sees the pidfile: SIGTERM sent the
+/// moment the pidfile appears must still end `blockdelta serve` cleanly, bitmaps
+/// stored (not in use), image clean. Repeated, since the window is short: the pidfile
+/// is polled without sleeping, and the signal sent at once.
+#[test]
+fn sigterm_as_soon_as_the_pidfile_appears_stores_the_bitmaps() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.qcow2");
+    qcow2_with_bitmaps(&original);
+    for round in 0..40 {
+        let image = dir.path().join(format!("{round}.qcow2"));
+        std::fs::copy(&original, &image).unwrap();
+        let pidfile = dir.path().join(format!("{round}.pid"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockdelta"))
+            .arg("serve")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=disk0,file=file0")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", dir.path().join("nbd.sock").display()))
+            .arg("--export")
+            .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pidfile.exists() {
+            assert!(Instant::now() < deadline, "round {round}: no pidfile");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: exited before writing its pidfile: {status}");
+            }
+            std::hint::spin_loop();
+        }
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("round {round}: still running 30 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            status.success(),
+            "round {round}: {status} (signal {:?}): SIGTERM must end the daemon cleanly",
+            status.signal()
+        );
+        let info = qemu_img(["info", "--output=json", image.to_str().unwrap()]).unwrap();
+        assert!(!info.contains("in-use"), "round {round}: {info}");
+        let info: Value = serde_json::from_str(&info).unwrap();
+        let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().unwrap();
+        assert_eq!(bitmaps.len(), 2, "round {round}: {info}");
+        qemu_img(["check", image.to_str().unwrap()]).unwrap();
+        assert!(!pidfile.exists(), "round {round}: pidfile left behind");
+        std::fs::remove_file(&image).unwrap();
+    }
+}

@@ -16,7 +16,7 @@ use blockdelta::block::options::{OptionsReader, parse_keyval_or_json};
 use blockdelta::export::{BlockExportOptions, ExportManager, NbdServerOptions};
 use blockdelta::qmp::Qmp;
 use blockdelta::qmp::monitor::Monitor;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Notify;
 
 const USAGE: &str = "\
@@ -105,12 +105,17 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let quit = Arc::new(Notify::new());
     let qmp = Arc::new(Qmp::new(graph.clone(), exports.clone(), quit.clone()));
     let result = runtime.block_on(async {
+        // Before anything a supervisor could observe (sockets, the pidfile) and before
+        // any image is opened: from here on a SIGTERM, SIGINT or SIGHUP is a clean
+        // shutdown, once the setup is done, never the default action (death, with the
+        // bitmaps left in use).
+        let mut signals = ShutdownSignals::install()?;
         let mut monitors = Vec::new();
         setup(&options, &graph, &exports, &qmp, &mut monitors).await?;
         if let Some(path) = &pidfile {
             write_pidfile(path)?;
         }
-        wait_for_shutdown(&quit).await?;
+        signals.wait(&quit).await;
         // Running jobs are cancelled: their bitmaps are reclaimed, nothing is lost.
         qmp.jobs().cancel_all().await;
         exports.shutdown();
@@ -237,17 +242,33 @@ fn write_pidfile(path: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("Failed to write pid file {}", path.display()))
 }
 
-async fn wait_for_shutdown(quit: &Notify) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
-        _ = quit.notified() => {}
+/// The signals that end the daemon cleanly. Once installed, a signal is kept until
+/// [`wait`](Self::wait) sees it, however early it came.
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers (within the runtime).
+    fn install() -> anyhow::Result<Self> {
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+        })
     }
-    Ok(())
+
+    /// Waits for one of the signals, or `quit`.
+    async fn wait(&mut self, quit: &Notify) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.hup.recv() => {}
+            _ = quit.notified() => {}
+        }
+    }
 }
 
 /// Closes every node, users before the nodes they use, reporting every failure.
