@@ -1,7 +1,8 @@
 //! `blockdelta serve`: a storage daemon started with qemu-storage-daemon's options
 //! (`--blockdev`, `--nbd-server`, `--export`, `--chardev`, `--monitor`, `--pidfile`),
 //! processed in the order given. SIGTERM, SIGINT, SIGHUP or QMP `quit` end it cleanly:
-//! connections closed, persistent bitmaps stored, images flushed, locks released.
+//! NBD requests in flight completed and answered, connections closed, persistent bitmaps
+//! stored, images flushed, locks released.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -38,6 +39,10 @@ Serve block nodes over NBD and QMP, with qemu-storage-daemon's options:
   --pidfile <path>       write the process id to this file
   -h, --help             print this help
 ";
+
+/// How long a clean shutdown waits for NBD requests in flight (and for their clients
+/// to take the replies) before dropping what is left.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One option as given.
 struct DaemonOption {
@@ -118,8 +123,12 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         signals.wait(&quit).await;
         // Running jobs are cancelled: their bitmaps are reclaimed, nothing is lost.
         qmp.jobs().cancel_all().await;
-        exports.shutdown();
+        // No more QMP commands (none may start a server or an export now).
         drop(monitors);
+        // NBD clients: no new connections or requests, the requests received complete
+        // and are answered, then the connections close (as qemu-storage-daemon answers
+        // them, and never with an error because of the shutdown).
+        exports.drain(SHUTDOWN_GRACE).await;
         anyhow::Ok(())
     });
     // Dropping the runtime waits for block I/O still running on its threads, so that
