@@ -1,15 +1,20 @@
 //! `blockdelta bitmap` against `qemu-img bitmap` (QEMU 10.0.2) on copies of the same
 //! images: every command-line error, every operation and its failures, actions in
 //! command-line order, merges within and across images. Stdout, stderr (but for the
-//! program's name and QEMU's generated node numbers) and the exit code must be the same;
-//! then both copies must hold the same bitmaps (`qemu-img info`), pass `qemu-img check`,
-//! and, where bits can differ, give the same SHA-256 in qemu-storage-daemon.
+//! program's name and QEMU's generated node numbers) and the exit code must be the same.
+//! After a success both copies must hold the same bitmaps (`qemu-img info`), pass
+//! `qemu-img check`, and, where bits can differ, give the same SHA-256 in
+//! qemu-storage-daemon. After a refusal blockdelta must have left every image byte for
+//! byte as it was (qemu-img rewrites the bitmap directory, and keeps what the actions
+//! before the failing one did), and so after a success that changes nothing.
 //!
 //! Fails, never skips, if `qemu-img`, `qemu-io` or `qemu-storage-daemon` is missing.
 
 mod common;
 
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use common::{Copies, blockdelta, info_bitmaps, qemu_bitmaps, qemu_img_path, run_in};
 use testkit::{qemu_img, qemu_io};
@@ -53,14 +58,46 @@ fn make_images(dir: &Path) {
 const IMAGES: [&str; 6] =
     ["base.qcow2", "src.qcow2", "small.qcow2", "inc.qcow2", "v2.qcow2", "raw.img"];
 
-/// Runs `bitmap ARGS` with both programs on fresh copies and compares everything.
-/// `shas`: also compare every bitmap's SHA-256 of the qcow2 images in qemu-storage-daemon.
-fn compare(images: &Path, work: &Path, args: &[&str], shas: bool) -> i32 {
+/// The SHA-256 of a whole file.
+fn file_sha256(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `bitmap ARGS` with both programs on fresh copies and compares what they print;
+/// returns blockdelta's outcome and the copies.
+fn run_both(images: &Path, work: &Path, args: &[&str]) -> (common::Outcome, Copies) {
     let copies = Copies::new(images, work);
     let full = [&["bitmap"], args].concat();
     let ours = run_in(&blockdelta(), &full, &copies.ours);
     let qemu = run_in(&qemu_img_path(), &full, &copies.qemu);
     assert_eq!(ours, qemu, "bitmap {args:?}");
+    (ours, copies)
+}
+
+/// Every image of blockdelta's copy is byte for byte the original.
+fn assert_untouched(images: &Path, copies: &Copies, args: &[&str]) {
+    for image in IMAGES {
+        assert_eq!(
+            file_sha256(&copies.ours.join(image)),
+            file_sha256(&images.join(image)),
+            "bitmap {args:?} changed {image}"
+        );
+    }
+}
+
+/// A refused `bitmap ARGS`: the same texts and exit code as qemu-img's, and no image
+/// changed by blockdelta. Returns the exit code.
+fn compare_refused(images: &Path, work: &Path, args: &[&str]) -> i32 {
+    let (ours, copies) = run_both(images, work, args);
+    assert_untouched(images, &copies, args);
+    ours.code
+}
+
+/// Runs `bitmap ARGS` with both programs on fresh copies and compares everything.
+/// `shas`: also compare every bitmap's SHA-256 of the qcow2 images in qemu-storage-daemon.
+fn compare(images: &Path, work: &Path, args: &[&str], shas: bool) -> i32 {
+    let (ours, copies) = run_both(images, work, args);
     for image in IMAGES {
         let (o, q) = (copies.ours.join(image), copies.qemu.join(image));
         assert_eq!(info_bitmaps(&o), info_bitmaps(&q), "bitmap {args:?}: {image}");
@@ -134,9 +171,25 @@ fn command_line_errors_are_qemu_img_s() {
         vec!["--merge", "s", "--merge", "t", "-b", "src.qcow2", "base.qcow2", "a"],
         vec!["--merge", "s", "-b", "src.qcow2", "-F", "raw", "base.qcow2", "a"],
         vec!["--merge", "s", "-b", "src.qcow2", "base.qcow2", "nosuch"],
+        // Every kind of refusal once more, some after actions that succeeded (which
+        // qemu-img keeps, and blockdelta must not).
+        vec!["--enable", "base.qcow2", "nosuch"],
+        vec!["--disable", "base.qcow2", "nosuch"],
+        vec!["--clear", "base.qcow2", "nosuch"],
+        vec!["--merge", "a", "base.qcow2", "nosuch"],
+        vec!["--add", "--disable", "--merge", "nosuch", "base.qcow2", "n"],
+        vec!["--clear", "--merge", "nosuch", "base.qcow2", "a"],
+        vec!["--remove", "--add", "-g", "256", "base.qcow2", "a"],
+        vec!["--remove", "--merge", "fine", "base.qcow2", "a"],
+        vec!["--add", "-g", "4G", "base.qcow2", "a"],
+        vec!["--disable", "--add", "base.qcow2", "fine"],
+        vec!["--clear", "--merge", "s", "-b", "small.qcow2", "base.qcow2", "a"],
+        vec!["--clear", "--merge", "nosuch", "-b", "src.qcow2", "base.qcow2", "a"],
+        vec!["--remove", "--remove", "inc.qcow2", "bad"],
+        vec!["--add", "small.qcow2", "t", "--merge", "s", "-b", "src.qcow2"],
     ];
     for args in &cases {
-        let code = compare(&images, &work, args, false);
+        let code = compare_refused(&images, &work, args);
         assert_eq!(code, 1, "bitmap {args:?} should fail");
     }
     // One error text in full, hint included.
@@ -194,6 +247,31 @@ fn operations_leave_what_qemu_img_leaves() {
     for args in &cases {
         let code = compare(&images, &work, args, true);
         assert_eq!(code, 0, "bitmap {args:?} should succeed");
+    }
+}
+
+/// A command whose actions all succeed but leave the bitmaps as they were writes
+/// nothing (qemu-img rewrites the directory all the same).
+#[test]
+fn a_command_that_changes_nothing_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    make_images(&images);
+    let work = dir.path().join("work");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--enable", "base.qcow2", "a"],
+        vec!["--disable", "--enable", "base.qcow2", "fine"],
+        vec!["--add", "-g", "64k", "--remove", "base.qcow2", "g"],
+        vec!["--add", "--remove", "--add", "-g", "1M", "--remove", "base.qcow2", "g"],
+        vec!["--clear", "small.qcow2", "s"],
+        vec!["--merge", "a", "base.qcow2", "a"],
+    ];
+    for args in &cases {
+        let code = compare(&images, &work, args, false);
+        assert_eq!(code, 0, "bitmap {args:?} should succeed");
+        let (_, copies) = run_both(&images, &work, args);
+        assert_untouched(&images, &copies, args);
     }
 }
 

@@ -561,3 +561,305 @@ fn sigint_stores_bitmaps_too() {
     assert!(!info.contains("in-use"), "{info}");
     assert_eq!(info.matches("\"auto\"").count(), 1, "{info}");
 }
+
+/// A supervisor may signal the daemon as soon as it sees the pidfile: SIGTERM sent the
+/// moment the pidfile appears must still end `blockdelta serve` cleanly, bitmaps
+/// stored (not in use), image clean. Repeated, since the window is short: the pidfile
+/// is polled without sleeping, and the signal sent at once.
+#[test]
+fn sigterm_as_soon_as_the_pidfile_appears_stores_the_bitmaps() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.qcow2");
+    qcow2_with_bitmaps(&original);
+    for round in 0..40 {
+        let image = dir.path().join(format!("{round}.qcow2"));
+        std::fs::copy(&original, &image).unwrap();
+        let pidfile = dir.path().join(format!("{round}.pid"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockdelta"))
+            .arg("serve")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=disk0,file=file0")
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", dir.path().join("nbd.sock").display()))
+            .arg("--export")
+            .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pidfile.exists() {
+            assert!(Instant::now() < deadline, "round {round}: no pidfile");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: exited before writing its pidfile: {status}");
+            }
+            std::hint::spin_loop();
+        }
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("round {round}: still running 30 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            status.success(),
+            "round {round}: {status} (signal {:?}): SIGTERM must end the daemon cleanly",
+            status.signal()
+        );
+        let info = qemu_img(["info", "--output=json", image.to_str().unwrap()]).unwrap();
+        assert!(!info.contains("in-use"), "round {round}: {info}");
+        let info: Value = serde_json::from_str(&info).unwrap();
+        let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().unwrap();
+        assert_eq!(bitmaps.len(), 2, "round {round}: {info}");
+        qemu_img(["check", image.to_str().unwrap()]).unwrap();
+        assert!(!pidfile.exists(), "round {round}: pidfile left behind");
+        std::fs::remove_file(&image).unwrap();
+    }
+}
+
+/// One NBD connection writing 64 KiB slots with many requests in flight, from raw
+/// bytes (no structured replies: every reply is a 16-byte simple reply).
+mod pipelined_writer {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use nbd::codec::{self, InfoRequest, OptionHeader, OptionReplyHeader, ReplyHeader, Request};
+    use nbd::proto::*;
+
+    pub const SLOT: u64 = 64 * 1024;
+
+    /// The data written to slot `slot`: never zero, different for every slot.
+    pub fn pattern(slot: u64) -> Vec<u8> {
+        let mut data: Vec<u8> = (0..SLOT).map(|i| ((slot * 7 + i / 512) % 251 + 1) as u8).collect();
+        data[..8].copy_from_slice(&slot.to_le_bytes());
+        data
+    }
+
+    /// What became of the requests of one connection.
+    #[derive(Debug, Default)]
+    pub struct Outcome {
+        /// Slots whose write was answered without error.
+        pub ok: Vec<u64>,
+        /// (slot, NBD error) of the writes answered with an error.
+        pub errors: Vec<(u64, u32)>,
+        /// Slots written but never answered (the connection closed first).
+        pub unanswered: Vec<u64>,
+    }
+
+    #[derive(Default)]
+    struct Inflight {
+        by_cookie: HashMap<u64, u64>,
+        closed: bool,
+    }
+
+    fn handshake(s: &mut UnixStream, export: &str) {
+        let mut greeting = [0u8; codec::GREETING_LEN];
+        s.read_exact(&mut greeting).unwrap();
+        let hflags = codec::parse_greeting(&greeting).unwrap();
+        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+        if hflags & FLAG_NO_ZEROES != 0 {
+            cflags |= FLAG_C_NO_ZEROES;
+        }
+        s.write_all(&cflags.to_be_bytes()).unwrap();
+        let mut out = Vec::new();
+        let go = InfoRequest { export: export.into(), infos: Vec::new() };
+        OptionHeader::encode(OPT_GO, &go.encode(), &mut out);
+        s.write_all(&out).unwrap();
+        loop {
+            let mut h = [0u8; codec::OPTION_REPLY_HEADER_LEN];
+            s.read_exact(&mut h).unwrap();
+            let h = OptionReplyHeader::parse(&h).unwrap();
+            let mut payload = vec![0u8; h.length as usize];
+            s.read_exact(&mut payload).unwrap();
+            assert_eq!(h.reply_type & REP_FLAG_ERROR, 0, "OPT_GO refused");
+            if h.reply_type == REP_ACK {
+                return;
+            }
+        }
+    }
+
+    /// Writes `slots` in order through `socket`'s export `export`, `depth` requests in
+    /// flight, until they are all answered or the server closes the connection; `acks`
+    /// counts the answers of every connection.
+    pub fn run(
+        socket: &Path,
+        export: &str,
+        slots: Vec<u64>,
+        depth: usize,
+        acks: Arc<AtomicUsize>,
+    ) -> Outcome {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        handshake(&mut stream, export);
+        let state = Arc::new((Mutex::new(Inflight::default()), Condvar::new()));
+        let mut out = Outcome::default();
+        let sender = {
+            let mut stream = stream.try_clone().unwrap();
+            let state = state.clone();
+            std::thread::spawn(move || {
+                for (i, slot) in slots.into_iter().enumerate() {
+                    let cookie = i as u64 + 1;
+                    {
+                        let (lock, cv) = &*state;
+                        let mut st = lock.lock().unwrap();
+                        while st.by_cookie.len() >= depth && !st.closed {
+                            st = cv.wait(st).unwrap();
+                        }
+                        if st.closed {
+                            return;
+                        }
+                        st.by_cookie.insert(cookie, slot);
+                    }
+                    let req = Request {
+                        flags: 0,
+                        command: CMD_WRITE,
+                        cookie,
+                        offset: slot * SLOT,
+                        length: SLOT,
+                    };
+                    let mut bytes = Vec::new();
+                    req.encode(&mut bytes, false).unwrap();
+                    bytes.extend_from_slice(&pattern(slot));
+                    if stream.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                let (lock, cv) = &*state;
+                let mut st = lock.lock().unwrap();
+                while !st.by_cookie.is_empty() && !st.closed {
+                    st = cv.wait(st).unwrap();
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        loop {
+            let mut h = [0u8; codec::SIMPLE_REPLY_LEN];
+            if stream.read_exact(&mut h).is_err() {
+                break;
+            }
+            let ReplyHeader::Simple { error, cookie } = ReplyHeader::parse(&h).unwrap() else {
+                panic!("a structured reply without structured replies");
+            };
+            let (lock, cv) = &*state;
+            let slot = lock.lock().unwrap().by_cookie.remove(&cookie).expect("known cookie");
+            cv.notify_all();
+            acks.fetch_add(1, Ordering::SeqCst);
+            if error == 0 {
+                out.ok.push(slot);
+            } else {
+                out.errors.push((slot, error));
+            }
+        }
+        {
+            let (lock, cv) = &*state;
+            let mut st = lock.lock().unwrap();
+            st.closed = true;
+            out.unanswered = st.by_cookie.values().copied().collect();
+            cv.notify_all();
+        }
+        // Unblocks a sender stuck writing to a server that stopped reading.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        sender.join().unwrap();
+        out
+    }
+}
+
+/// QMP `quit` (even rounds) or SIGTERM (odd rounds) while clients write with many
+/// requests in flight: requests already received complete and are answered, none gets
+/// an error, and every write answered without error is in the image afterwards
+/// (requests never answered, because the connection closed first, are allowed). Both
+/// daemons, same rules.
+#[test]
+fn quit_while_clients_write_completes_the_requests_in_flight() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    const GIB: u64 = 1 << 30;
+    const CONNECTIONS: u64 = 4;
+    let export = "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on";
+    let prepare = |image: &Path| {
+        let p = image.to_str().unwrap();
+        qemu_img(["create", "-q", "-f", "qcow2", p, &GIB.to_string()]).unwrap();
+        qemu_img(["bitmap", "--add", p, "b0"]).unwrap();
+    };
+    for kind in [Kind::Qemu, Kind::Blockdelta] {
+        for round in 0..4 {
+            let images = tempfile::tempdir().unwrap();
+            let served = start(kind, images.path(), &prepare, &[export]);
+            let acks = Arc::new(AtomicUsize::new(0));
+            let writers: Vec<_> = (0..CONNECTIONS)
+                .map(|c| {
+                    let socket = served.socket.clone();
+                    let acks = acks.clone();
+                    let slots = (0..GIB / pipelined_writer::SLOT / CONNECTIONS)
+                        .map(|i| i * CONNECTIONS + c)
+                        .collect();
+                    std::thread::spawn(move || {
+                        pipelined_writer::run(&socket, "disk0", slots, 32, acks)
+                    })
+                })
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while acks.load(Ordering::SeqCst) < 200 + 300 * round {
+                assert!(Instant::now() < deadline, "{kind:?}: the writers made no progress");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let Served { daemon, image, .. } = served;
+            let status = if round % 2 == 0 { daemon.quit() } else { daemon.stop() }.unwrap();
+            assert!(status.success(), "{kind:?}: {status}");
+            let outcomes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+            let ok: Vec<u64> = outcomes.iter().flat_map(|o| o.ok.iter().copied()).collect();
+            let errors: Vec<(u64, u32)> =
+                outcomes.iter().flat_map(|o| o.errors.iter().copied()).collect();
+            let unanswered: usize = outcomes.iter().map(|o| o.unanswered.len()).sum();
+            eprintln!(
+                "{kind:?} round {round}: {} answered OK, {} errors, {unanswered} unanswered",
+                ok.len(),
+                errors.len()
+            );
+            assert!(errors.is_empty(), "{kind:?} round {round}: error replies {errors:?}");
+            assert!(
+                (ok.len() as u64) < GIB / pipelined_writer::SLOT,
+                "{kind:?}: every write finished before quit: the test proves nothing"
+            );
+            let info = qemu_img(["info", "--output=json", image.to_str().unwrap()]).unwrap();
+            assert!(!info.contains("in-use"), "{kind:?} round {round}: {info}");
+            qemu_img(["check", image.to_str().unwrap()]).unwrap();
+            let raw = images.path().join("image.raw");
+            qemu_img([
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                image.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ])
+            .unwrap();
+            let raw = std::fs::File::open(&raw).unwrap();
+            let mut buf = vec![0u8; pipelined_writer::SLOT as usize];
+            for slot in ok {
+                raw.read_exact_at(&mut buf, slot * pipelined_writer::SLOT).unwrap();
+                assert!(
+                    buf == pipelined_writer::pattern(slot),
+                    "{kind:?} round {round}: slot {slot} was answered OK but is not in the image"
+                );
+            }
+        }
+    }
+}

@@ -46,6 +46,21 @@ pub enum ClientError {
     /// The server did something the protocol forbids.
     #[error("unexpected reply: {0}")]
     Unexpected(&'static str),
+    /// The server's reply to a read broke the protocol: a chunk outside the request, a
+    /// chunk over bytes already returned, or the reply ended before returning every
+    /// byte of the request. The read fails; none of its data is handed out.
+    #[error(
+        "protocol violation in the reply to a read of {length} bytes at offset {offset}: \
+         {problem}"
+    )]
+    BadRead {
+        /// Where the read started.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// What was wrong.
+        problem: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -176,6 +191,229 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, option: u3
     }
 }
 
+/// Longest error chunk payload: error, message length, a message of at most
+/// `MAX_STRING` bytes, and an offset.
+const MAX_ERROR_CHUNK: u64 = 4 + 2 + MAX_STRING as u64 + 8;
+
+/// Which bytes of one read its reply has returned so far. Content chunks
+/// (`OFFSET_DATA`, `OFFSET_HOLE`) must lie inside the request and must not overlap
+/// (NBD spec, "Structured reply chunk message"), and a successful reply must return
+/// every byte. Memory: nothing while the chunks come in order (what servers do), else
+/// one bit per byte of the request, never more, whatever the server sends.
+#[derive(Debug)]
+struct Coverage {
+    /// The request's length.
+    len: u64,
+    /// Bytes returned so far: the sum of the chunks' lengths, as they cannot overlap.
+    covered: u64,
+    /// While the chunks come in order, the end of the prefix they cover.
+    prefix: u64,
+    /// Once a chunk comes out of order: bit `i` = byte `i` of the request returned.
+    bits: Option<Vec<u64>>,
+}
+
+/// Calls `f(word, mask)` for the words of a bit array that hold bits `[start, end)`,
+/// while it returns `true`; says whether it always did.
+fn each_word(start: u64, end: u64, mut f: impl FnMut(usize, u64) -> bool) -> bool {
+    let mut pos = start;
+    while pos < end {
+        let bit = pos % 64;
+        let n = (64 - bit).min(end - pos);
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+        // In bounds: the array has a bit for every byte of the request.
+        if !f((pos / 64) as usize, mask) {
+            return false;
+        }
+        pos += n;
+    }
+    true
+}
+
+impl Coverage {
+    fn new(len: u64) -> Self {
+        Coverage { len, covered: 0, prefix: 0, bits: None }
+    }
+
+    /// Records that the reply returned `n` bytes at `start` (relative to the request),
+    /// or says why it may not.
+    fn add(&mut self, start: u64, n: u64) -> std::result::Result<(), String> {
+        let end = start.checked_add(n).filter(|&e| e <= self.len).ok_or_else(|| {
+            format!("a chunk of {n} bytes at {start} bytes into the request lies outside it")
+        })?;
+        if n == 0 {
+            return Err(format!("an empty chunk at {start} bytes into the request"));
+        }
+        let overlap = || {
+            format!(
+                "the chunk of {n} bytes at {start} bytes into the request overlaps an earlier one"
+            )
+        };
+        match &mut self.bits {
+            None if start == self.prefix => self.prefix = end,
+            None if start < self.prefix => return Err(overlap()),
+            None => {
+                let mut bits = vec![0u64; self.len.div_ceil(64) as usize];
+                each_word(0, self.prefix, |w, m| {
+                    bits[w] |= m;
+                    true
+                });
+                each_word(start, end, |w, m| {
+                    bits[w] |= m;
+                    true
+                });
+                self.bits = Some(bits);
+            }
+            Some(bits) => {
+                if !each_word(start, end, |w, m| bits[w] & m == 0) {
+                    return Err(overlap());
+                }
+                each_word(start, end, |w, m| {
+                    bits[w] |= m;
+                    true
+                });
+            }
+        }
+        self.covered += n;
+        Ok(())
+    }
+
+    /// `Err` with what is missing unless every byte was returned.
+    fn check_complete(&self) -> std::result::Result<(), String> {
+        if self.covered == self.len {
+            Ok(())
+        } else {
+            Err(format!(
+                "the reply ended with {} of the {} bytes not returned",
+                self.len - self.covered,
+                self.len
+            ))
+        }
+    }
+}
+
+/// One read waiting for its reply: where it reads, and what the reply has done so far.
+#[derive(Debug)]
+struct ReadState {
+    offset: u64,
+    coverage: Coverage,
+    /// The first error chunk, if any: the read then fails with it.
+    error: Option<ClientError>,
+}
+
+impl ReadState {
+    fn new(offset: u64, len: usize) -> Self {
+        ReadState { offset, coverage: Coverage::new(len as u64), error: None }
+    }
+
+    fn bad(&self, problem: String) -> ClientError {
+        ClientError::BadRead { offset: self.offset, length: self.coverage.len, problem }
+    }
+
+    /// The read's outcome once its reply is done.
+    fn finish(self) -> Result<()> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.coverage.check_complete().map_err(|p| self.bad(p))
+    }
+
+    /// A simple reply (header read): its data, if any, goes into `buf`. Refused when
+    /// structured replies were negotiated: the protocol then forbids simple replies to
+    /// reads, even for errors, and whether data follows would be a guess.
+    async fn simple<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        structured: bool,
+        error: u32,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        if structured {
+            return Err(self.bad(format!(
+                "a simple reply (error {error}) although structured replies were negotiated"
+            )));
+        }
+        if error != 0 {
+            self.error = Some(ClientError::Command {
+                errno: error,
+                message: format!("read at offset {}", self.offset),
+            });
+            return Ok(());
+        }
+        stream.read_exact(buf).await?;
+        self.coverage.add(0, buf.len() as u64).map_err(|p| self.bad(p))
+    }
+
+    /// One chunk of a structured reply (header read, `length` bytes of payload to
+    /// come): content goes straight into `buf` after its place was checked, so nothing
+    /// the server says makes the client allocate more than the request's own size.
+    async fn chunk<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        flags: u16,
+        chunk_type: u16,
+        length: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        match chunk_type {
+            REPLY_TYPE_OFFSET_DATA => {
+                if length < 9 {
+                    return Err(self.bad(format!("a data chunk of {length} bytes (at least 9)")));
+                }
+                let n = length - 8;
+                if n > buf.len() as u64 {
+                    return Err(
+                        self.bad(format!("a data chunk of {n} bytes, longer than the request"))
+                    );
+                }
+                let mut o = [0u8; 8];
+                stream.read_exact(&mut o).await?;
+                let start = self.place(u64::from_be_bytes(o), n)?;
+                stream.read_exact(&mut buf[start..start + n as usize]).await?;
+            }
+            REPLY_TYPE_OFFSET_HOLE => {
+                if length != 12 {
+                    return Err(self.bad(format!("a hole chunk of {length} bytes (not 12)")));
+                }
+                let mut h = [0u8; 12];
+                stream.read_exact(&mut h).await?;
+                let (o, n) = h.split_at(8);
+                let off = u64::from_be_bytes(o.try_into().unwrap_or_default());
+                let n = u32::from_be_bytes(n.try_into().unwrap_or_default());
+                let start = self.place(off, n.into())?;
+                buf[start..start + n as usize].fill(0);
+            }
+            REPLY_TYPE_NONE => {
+                if length != 0 || flags & REPLY_FLAG_DONE == 0 {
+                    return Err(ClientError::Unexpected("NONE chunk with a payload or not last"));
+                }
+            }
+            t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
+                if length > MAX_ERROR_CHUNK {
+                    return Err(ClientError::Unexpected("error chunk too large"));
+                }
+                let mut e = vec![0u8; length as usize];
+                stream.read_exact(&mut e).await?;
+                let (errno, message, _) = codec::parse_error_chunk(&e, t)?;
+                let message = format!("read at offset {}: {message}", self.offset);
+                self.error.get_or_insert(ClientError::Command { errno, message });
+            }
+            _ => return Err(ClientError::Unexpected("chunk type in read reply")),
+        }
+        Ok(())
+    }
+
+    /// Checks a content chunk of `n` bytes at export offset `off` against the request
+    /// and the chunks before it, and records it; returns where it starts in the buffer.
+    fn place(&mut self, off: u64, n: u64) -> Result<usize> {
+        let Some(start) = off.checked_sub(self.offset) else {
+            return Err(self.bad(format!("a chunk at offset {off}, before the request")));
+        };
+        self.coverage.add(start, n).map_err(|p| self.bad(p))?;
+        // Within the buffer: `add` checked `start + n` against its length.
+        Ok(start as usize)
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Negotiates on `stream`: extended headers (if asked) or structured replies, the
     /// metadata contexts, then `OPT_GO`.
@@ -283,34 +521,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(self.cookie)
     }
 
-    /// Reads the whole reply to `cookie`, feeding content to `on_chunk(type, payload)`.
-    /// `read_len` is the length of simple-reply data for a read.
+    /// Reads the whole reply to `cookie` (a command other than a read: a simple reply
+    /// has no data), feeding content to `on_chunk(type, payload)`.
     async fn reply(
         &mut self,
         cookie: u64,
-        read_len: usize,
         mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut error: Option<ClientError> = None;
         loop {
-            let mut magic = [0u8; 4];
-            self.stream.read_exact(&mut magic).await?;
-            let n = ReplyHeader::len_for_magic(magic)?;
-            let mut b = [0u8; codec::EXTENDED_REPLY_LEN];
-            b[..4].copy_from_slice(&magic);
-            self.stream.read_exact(&mut b[4..n]).await?;
-            match ReplyHeader::parse(&b[..n])? {
+            match self.reply_header().await? {
                 ReplyHeader::Simple { error: e, cookie: c } => {
                     if c != cookie {
                         return Err(ClientError::Unexpected("cookie mismatch"));
                     }
                     if e != 0 {
                         return Err(ClientError::Command { errno: e, message: String::new() });
-                    }
-                    if read_len > 0 {
-                        let mut data = vec![0u8; read_len];
-                        self.stream.read_exact(&mut data).await?;
-                        on_chunk(u16::MAX, &data)?;
                     }
                     return Ok(());
                 }
@@ -337,48 +563,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads the header of the next reply.
+    async fn reply_header(&mut self) -> Result<ReplyHeader> {
+        let mut magic = [0u8; 4];
+        self.stream.read_exact(&mut magic).await?;
+        let n = ReplyHeader::len_for_magic(magic)?;
+        let mut b = [0u8; codec::EXTENDED_REPLY_LEN];
+        b[..4].copy_from_slice(&magic);
+        self.stream.read_exact(&mut b[4..n]).await?;
+        Ok(ReplyHeader::parse(&b[..n])?)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. The reply must return every byte exactly
+    /// once (data or hole chunks inside the request, not overlapping): anything else is
+    /// a [`ClientError::BadRead`].
     pub async fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let cookie = self.send(CMD_READ, 0, offset, buf.len() as u64, &[]).await?;
-        let len = buf.len();
-        self.reply(cookie, len, |ty, p| {
-            let place = |off: u64, n: usize| -> Result<std::ops::Range<usize>> {
-                let start = off
-                    .checked_sub(offset)
-                    .ok_or(ClientError::Unexpected("chunk before request"))?;
-                let end = start.checked_add(n as u64).filter(|&e| e <= len as u64);
-                let end = end.ok_or(ClientError::Unexpected("chunk beyond request"))?;
-                Ok(start as usize..end as usize)
-            };
-            match ty {
-                u16::MAX if p.len() == buf.len() => buf.copy_from_slice(p),
-                REPLY_TYPE_OFFSET_DATA => {
-                    let (o, d) =
-                        p.split_at_checked(8).ok_or(ClientError::Unexpected("short data chunk"))?;
-                    let off = u64::from_be_bytes(
-                        o.try_into().map_err(|_| ClientError::Unexpected("short"))?,
-                    );
-                    let r = place(off, d.len())?;
-                    buf[r].copy_from_slice(d);
-                }
-                REPLY_TYPE_OFFSET_HOLE => {
-                    if p.len() != 12 {
-                        return Err(ClientError::Unexpected("bad hole chunk"));
+        let mut state = ReadState::new(offset, buf.len());
+        loop {
+            match self.reply_header().await? {
+                ReplyHeader::Simple { error, cookie: c } => {
+                    if c != cookie {
+                        return Err(ClientError::Unexpected("cookie mismatch"));
                     }
-                    let off = u64::from_be_bytes(
-                        p[..8].try_into().map_err(|_| ClientError::Unexpected("short"))?,
-                    );
-                    let n = u32::from_be_bytes(
-                        p[8..].try_into().map_err(|_| ClientError::Unexpected("short"))?,
-                    );
-                    let r = place(off, n as usize)?;
-                    buf[r].fill(0);
+                    state.simple(&mut self.stream, self.structured, error, buf).await?;
+                    return state.finish();
                 }
-                _ => return Err(ClientError::Unexpected("chunk type in read reply")),
+                ReplyHeader::Chunk { flags, chunk_type, cookie: c, length } => {
+                    if c != cookie {
+                        return Err(ClientError::Unexpected("cookie mismatch"));
+                    }
+                    state.chunk(&mut self.stream, flags, chunk_type, length, buf).await?;
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        return state.finish();
+                    }
+                }
             }
-            Ok(())
-        })
-        .await
+        }
     }
 
     async fn simple_command(
@@ -390,7 +611,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         payload: &[u8],
     ) -> Result<()> {
         let cookie = self.send(command, flags, offset, length, payload).await?;
-        self.reply(cookie, 0, |_, _| Err(ClientError::Unexpected("payload in reply"))).await
+        self.reply(cookie, |_, _| Err(ClientError::Unexpected("payload in reply"))).await
     }
 
     /// Writes `data` at `offset`.
@@ -426,7 +647,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let flags = if req_one { CMD_FLAG_REQ_ONE } else { 0 };
         let cookie = self.send(CMD_BLOCK_STATUS, flags, offset, len, &[]).await?;
         let mut v = Vec::new();
-        self.reply(cookie, 0, |ty, p| {
+        self.reply(cookie, |ty, p| {
             match ty {
                 REPLY_TYPE_BLOCK_STATUS => v.push(codec::parse_block_status(p, false)?),
                 REPLY_TYPE_BLOCK_STATUS_EXT => v.push(codec::parse_block_status(p, true)?),
@@ -455,9 +676,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Fut: std::future::Future<Output = Result<()>>,
     {
         struct Pending {
-            offset: u64,
             buf: Vec<u8>,
-            error: Option<ClientError>,
+            state: ReadState,
         }
         let depth = depth.max(1);
         let max = self.max_read();
@@ -475,91 +695,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     return Err(ClientError::Unexpected("read length out of bounds"));
                 }
                 let cookie = self.send(CMD_READ, 0, offset, len.into(), &[]).await?;
-                let pending = Pending { offset, buf: vec![0u8; len as usize], error: None };
+                let pending = Pending {
+                    buf: vec![0u8; len as usize],
+                    state: ReadState::new(offset, len as usize),
+                };
                 inflight.insert(cookie, pending);
             }
             if inflight.is_empty() {
                 return Ok(());
             }
-            let mut magic = [0u8; 4];
-            self.stream.read_exact(&mut magic).await?;
-            let n = ReplyHeader::len_for_magic(magic)?;
-            let mut b = [0u8; codec::EXTENDED_REPLY_LEN];
-            b[..4].copy_from_slice(&magic);
-            self.stream.read_exact(&mut b[4..n]).await?;
-            let (cookie, done) = match ReplyHeader::parse(&b[..n])? {
-                ReplyHeader::Simple { error, cookie } => {
-                    let p = inflight
-                        .get_mut(&cookie)
-                        .ok_or(ClientError::Unexpected("reply to an unknown cookie"))?;
-                    if error != 0 {
-                        p.error = Some(ClientError::Command {
-                            errno: error,
-                            message: format!("read at offset {}", p.offset),
-                        });
-                    } else {
-                        self.stream.read_exact(&mut p.buf).await?;
-                    }
-                    (cookie, true)
+            let header = self.reply_header().await?;
+            let (ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. }) = header;
+            let p = inflight
+                .get_mut(&cookie)
+                .ok_or(ClientError::Unexpected("reply to an unknown cookie"))?;
+            let done = match header {
+                ReplyHeader::Simple { error, .. } => {
+                    p.state.simple(&mut self.stream, self.structured, error, &mut p.buf).await?;
+                    true
                 }
-                ReplyHeader::Chunk { flags, chunk_type, cookie, length } => {
-                    let p = inflight
-                        .get_mut(&cookie)
-                        .ok_or(ClientError::Unexpected("reply to an unknown cookie"))?;
-                    if length > MAX_CHUNK {
-                        return Err(ClientError::Unexpected("chunk too large"));
-                    }
-                    let place = |p: &Pending, off: u64, n: u64| -> Result<std::ops::Range<usize>> {
-                        let start = off
-                            .checked_sub(p.offset)
-                            .ok_or(ClientError::Unexpected("chunk before request"))?;
-                        match start.checked_add(n) {
-                            Some(end) if end <= p.buf.len() as u64 => {
-                                Ok(start as usize..end as usize)
-                            }
-                            _ => Err(ClientError::Unexpected("chunk beyond request")),
-                        }
-                    };
-                    match chunk_type {
-                        REPLY_TYPE_OFFSET_DATA => {
-                            let mut o = [0u8; 8];
-                            if length < 8 {
-                                return Err(ClientError::Unexpected("short data chunk"));
-                            }
-                            self.stream.read_exact(&mut o).await?;
-                            let r = place(p, u64::from_be_bytes(o), length - 8)?;
-                            // Straight into the request's buffer: no copy.
-                            self.stream.read_exact(&mut p.buf[r]).await?;
-                        }
-                        REPLY_TYPE_OFFSET_HOLE => {
-                            if length != 12 {
-                                return Err(ClientError::Unexpected("bad hole chunk"));
-                            }
-                            let mut h = [0u8; 12];
-                            self.stream.read_exact(&mut h).await?;
-                            let off = u64::from_be_bytes(h[..8].try_into().unwrap_or_default());
-                            let len = u32::from_be_bytes(h[8..].try_into().unwrap_or_default());
-                            let r = place(p, off, len.into())?;
-                            p.buf[r].fill(0);
-                        }
-                        REPLY_TYPE_NONE if length == 0 => {}
-                        t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
-                            let mut e = vec![0u8; length as usize];
-                            self.stream.read_exact(&mut e).await?;
-                            let (errno, message, _) = codec::parse_error_chunk(&e, t)?;
-                            let message = format!("read at offset {}: {message}", p.offset);
-                            p.error.get_or_insert(ClientError::Command { errno, message });
-                        }
-                        _ => return Err(ClientError::Unexpected("chunk type in read reply")),
-                    }
-                    (cookie, flags & REPLY_FLAG_DONE != 0)
+                ReplyHeader::Chunk { flags, chunk_type, length, .. } => {
+                    // Straight into the request's buffer: no copy.
+                    p.state.chunk(&mut self.stream, flags, chunk_type, length, &mut p.buf).await?;
+                    flags & REPLY_FLAG_DONE != 0
                 }
             };
             if done && let Some(p) = inflight.remove(&cookie) {
-                if let Some(e) = p.error {
-                    return Err(e);
-                }
-                on_done(p.offset, p.buf).await?;
+                let offset = p.state.offset;
+                p.state.finish()?;
+                on_done(offset, p.buf).await?;
             }
         }
     }

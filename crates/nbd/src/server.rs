@@ -4,6 +4,10 @@
 //! Every connection runs in its own task; requests on one connection are handled
 //! concurrently and answered as they complete. A protocol violation ends only the
 //! connection of the client that committed it.
+//!
+//! [`ServerHandle::shutdown`] drains: no new connections, no new requests, the requests
+//! already received complete and are answered, then the connections close. Dropping the
+//! handle cuts everything off at once.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,7 +17,7 @@ use std::sync::Arc;
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::codec::{
@@ -47,19 +51,45 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Granularity of hole detection in structured reads.
 const HOLE_GRANULE: u64 = 4096;
 
+/// How long a forced end of the drain ([`ServerHandle::shutdown`]) may take before the
+/// handle gives up waiting and aborts what is left.
+const FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where a listener is in its life (the value of its phase channel).
+const RUNNING: u8 = 0;
+/// Draining: no new connections or requests; requests received complete.
+const DRAINING: u8 = 1;
+/// The drain took too long: requests still running are dropped unanswered.
+const FORCED: u8 = 2;
+
 /// An NBD server over an [`Exports`] registry.
 #[derive(Debug, Clone)]
 pub struct Server {
     exports: Arc<Exports>,
     /// Connections served at once; `None` = unlimited.
     connection_slots: Option<Arc<Semaphore>>,
+    /// The phase of the listener this server's connections came from (`None`: a
+    /// connection handed to [`serve`](Self::serve) directly, which never drains).
+    phase: Option<watch::Receiver<u8>>,
 }
 
-/// A running listener; dropping it (or [`ServerHandle::stop`]) stops accepting and ends
-/// all its connections.
+/// Waits until the listener's phase is at least `phase`. Never, without a listener; at
+/// once if the handle is gone (its drop aborts everything anyway).
+async fn reached(rx: &mut Option<watch::Receiver<u8>>, phase: u8) {
+    match rx {
+        Some(rx) => {
+            let _ = rx.wait_for(|p| *p >= phase).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A running listener. [`shutdown`](Self::shutdown) stops it cleanly; dropping it (or
+/// [`stop`](Self::stop)) stops accepting and ends all its connections at once.
 #[derive(Debug)]
 pub struct ServerHandle {
     task: JoinHandle<()>,
+    phase: watch::Sender<u8>,
     socket: Option<PathBuf>,
     local_addr: Option<std::net::SocketAddr>,
 }
@@ -76,6 +106,25 @@ impl ServerHandle {
     /// Stops the listener and its connections, and removes the unix socket.
     pub fn stop(self) {
         drop(self);
+    }
+
+    /// Stops cleanly, as a server shutting down should (NBD spec: it waits for the
+    /// requests in flight): the listener closes and the unix socket is removed, so no
+    /// new client connects; open connections read no further request (one not fully
+    /// received gets no reply, clients still negotiating are closed); the requests
+    /// already received complete and their replies are sent; then each connection
+    /// closes. Nothing is answered with an error because of the shutdown. After
+    /// `grace`, what is left is dropped unanswered (a client that stopped reading cannot
+    /// hold the shutdown up). When this returns no connection task is left.
+    pub async fn shutdown(mut self, grace: std::time::Duration) {
+        let _ = self.phase.send(DRAINING);
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            let _ = self.phase.send(FORCED);
+            let _ = tokio::time::timeout(FORCE_WAIT, &mut self.task).await;
+        }
     }
 }
 
@@ -143,7 +192,7 @@ impl Listener for TcpListener {
 impl Server {
     /// A server for `exports`, with no limit on connections.
     pub fn new(exports: Arc<Exports>) -> Self {
-        Server { exports, connection_slots: None }
+        Server { exports, connection_slots: None, phase: None }
     }
 
     /// Serves at most `max` connections at once (0 = unlimited); further clients wait in
@@ -162,33 +211,42 @@ impl Server {
     /// background task.
     pub async fn listen_unix(&self, path: &Path) -> io::Result<ServerHandle> {
         let listener = bind_unix(path)?;
-        let task = tokio::spawn(self.clone().accept_loop(listener));
-        Ok(ServerHandle { task, socket: Some(path.to_owned()), local_addr: None })
+        let (phase, rx) = watch::channel(RUNNING);
+        let server = Server { phase: Some(rx), ..self.clone() };
+        let task = tokio::spawn(server.accept_loop(listener));
+        Ok(ServerHandle { task, phase, socket: Some(path.to_owned()), local_addr: None })
     }
 
     /// Listens on TCP `addr` and serves clients in a background task.
     pub async fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<ServerHandle> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        let task = tokio::spawn(self.clone().accept_loop(listener));
-        Ok(ServerHandle { task, socket: None, local_addr: Some(local) })
+        let (phase, rx) = watch::channel(RUNNING);
+        let server = Server { phase: Some(rx), ..self.clone() };
+        let task = tokio::spawn(server.accept_loop(listener));
+        Ok(ServerHandle { task, phase, socket: None, local_addr: Some(local) })
     }
 
     async fn accept_loop<L: Listener>(self, listener: L) {
         let mut conns = JoinSet::new();
+        let mut phase = self.phase.clone();
         loop {
             // A slot is taken before accepting, so clients beyond the limit wait.
             let slot = match &self.connection_slots {
                 Some(slots) => tokio::select! {
+                    biased;
+                    _ = reached(&mut phase, DRAINING) => break,
                     slot = slots.clone().acquire_owned() => match slot {
                         Ok(slot) => Some(slot),
-                        Err(_) => return,
+                        Err(_) => break,
                     },
                     Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 },
                 None => None,
             };
             tokio::select! {
+                biased;
+                _ = reached(&mut phase, DRAINING) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((rd, wr)) => {
                         let s = self.clone();
@@ -202,6 +260,9 @@ impl Server {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
+        // Draining: no new clients; the connections finish their requests and close.
+        drop(listener);
+        while conns.join_next().await.is_some() {}
     }
 
     /// Serves one client on `stream` until it disconnects. `Ok` after a clean end
@@ -223,10 +284,17 @@ impl Server {
         // Buffered: a request header then takes one read call, not two; large payloads
         // bypass the buffer.
         let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
-        let Some(session) = negotiate(&self.exports, &mut rd, &mut wr).await? else {
-            return Ok(());
+        let mut phase = self.phase.clone();
+        let session = tokio::select! {
+            biased;
+            // A client still negotiating has sent no request: it is simply closed.
+            _ = reached(&mut phase, DRAINING) => return Ok(()),
+            negotiated = negotiate(&self.exports, &mut rd, &mut wr) => match negotiated? {
+                Some(session) => session,
+                None => return Ok(()),
+            },
         };
-        transmission(session, rd, wr).await
+        transmission(session, rd, wr, phase).await
     }
 }
 
@@ -521,14 +589,57 @@ fn selected_for(
 
 type Outgoing = (Vec<u8>, OwnedSemaphorePermit);
 
-async fn transmission<R, W>(session: Session, mut rd: R, mut wr: W) -> Result<(), ServeError>
+/// A request read from the client, with its payload and its share of the budget.
+type Received = (Request, Vec<u8>, OwnedSemaphorePermit);
+
+/// Reads the next request. `None`: the client ended the session (EOF between messages,
+/// or `CMD_DISC`).
+async fn next_request<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    extended: bool,
+    budget: &Arc<Semaphore>,
+) -> Result<Option<Received>, ServeError> {
+    let header_len = if extended { codec::EXTENDED_REQUEST_LEN } else { codec::REQUEST_LEN };
+    let mut hdr = [0u8; codec::EXTENDED_REQUEST_LEN];
+    // EOF before the first byte of a header is a clean (if rude) end.
+    if rd.read(&mut hdr[..1]).await? == 0 {
+        return Ok(None);
+    }
+    rd.read_exact(&mut hdr[1..header_len]).await?;
+    let req = Request::parse(&hdr[..header_len], extended)?;
+    let plen = req.payload_len(extended)?;
+    if req.command == CMD_DISC {
+        if plen > 0 {
+            let _ = skip(rd, plen as u64).await;
+        }
+        return Ok(None);
+    }
+    let work =
+        if req.command == CMD_READ { req.length.min(MAX_PAYLOAD.into()) as usize } else { 0 };
+    let cost = (plen.max(work).div_ceil(1 << 20)).clamp(1, INFLIGHT_MIB as usize) as u32;
+    let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+        return Err(ServeError::Violation("semaphore closed"));
+    };
+    let mut payload = vec![0u8; plen];
+    rd.read_exact(&mut payload).await?;
+    Ok(Some((req, payload, permit)))
+}
+
+async fn transmission<R, W>(
+    session: Session,
+    mut rd: R,
+    mut wr: W,
+    mut phase: Option<watch::Receiver<u8>>,
+) -> Result<(), ServeError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
-    let writer = tokio::spawn(async move {
+    // In a set, so that the writer goes with the connection's task if that is aborted.
+    let mut writer = JoinSet::new();
+    writer.spawn(async move {
         // Replies that are ready together go out in one write.
         let mut batch: Vec<u8> = Vec::new();
         let mut permits = Vec::new();
@@ -556,43 +667,19 @@ where
     });
     let budget = Arc::new(Semaphore::new(INFLIGHT_MIB as usize));
     let mut tasks = JoinSet::new();
-    let header_len =
-        if session.extended { codec::EXTENDED_REQUEST_LEN } else { codec::REQUEST_LEN };
     let result = loop {
-        let mut hdr = [0u8; codec::EXTENDED_REQUEST_LEN];
-        // EOF before the first byte of a header is a clean (if rude) end.
-        match rd.read(&mut hdr[..1]).await {
-            Ok(0) => break Ok(()),
-            Ok(_) => {}
-            Err(e) => break Err(e.into()),
-        }
-        if let Err(e) = rd.read_exact(&mut hdr[1..header_len]).await {
-            break Err(e.into());
-        }
-        let req = match Request::parse(&hdr[..header_len], session.extended) {
-            Ok(r) => r,
-            Err(e) => break Err(e.into()),
+        // A shutdown stops reading at once: a request not fully received gets no reply
+        // (the rest of the stream is never read, so stopping mid-request is harmless).
+        let next = tokio::select! {
+            biased;
+            _ = reached(&mut phase, DRAINING) => break Ok(()),
+            next = next_request(&mut rd, session.extended, &budget) => next,
         };
-        let plen = match req.payload_len(session.extended) {
-            Ok(n) => n,
-            Err(e) => break Err(e.into()),
+        let (req, payload, permit) = match next {
+            Ok(Some(received)) => received,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
-        if req.command == CMD_DISC {
-            if plen > 0 {
-                let _ = skip(&mut rd, plen as u64).await;
-            }
-            break Ok(());
-        }
-        let work =
-            if req.command == CMD_READ { req.length.min(MAX_PAYLOAD.into()) as usize } else { 0 };
-        let cost = (plen.max(work).div_ceil(1 << 20)).clamp(1, INFLIGHT_MIB as usize) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
-            break Err(ServeError::Violation("semaphore closed"));
-        };
-        let mut payload = vec![0u8; plen];
-        if let Err(e) = rd.read_exact(&mut payload).await {
-            break Err(e.into());
-        }
         let s = session.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
@@ -605,13 +692,26 @@ where
         // A hard disconnect: pending replies are dropped, and a client that stopped
         // reading cannot keep this connection alive.
         tasks.abort_all();
-        writer.abort();
+        writer.abort_all();
         return result;
     }
-    // Finish in-flight requests (their replies are still sent), then close.
-    while tasks.join_next().await.is_some() {}
+    // Finish in-flight requests (their replies are still sent), then close; unless the
+    // shutdown is forced, which drops them unanswered.
     drop(tx);
-    let _ = writer.await;
+    let finish = async {
+        while tasks.join_next().await.is_some() {}
+        let _ = writer.join_next().await;
+    };
+    tokio::select! {
+        biased;
+        _ = finish => {}
+        _ = reached(&mut phase, FORCED) => {
+            tasks.abort_all();
+            writer.abort_all();
+            while tasks.join_next().await.is_some() {}
+            while writer.join_next().await.is_some() {}
+        }
+    }
     result
 }
 

@@ -631,3 +631,66 @@ fn garbage_at_every_stage() {
         good.check(&f, &format!("random bytes at stage {stage}"));
     }
 }
+
+/// `ServerHandle::shutdown`: requests received are answered, then every connection is
+/// closed (negotiating ones too), the socket is gone, and a client that never reads its
+/// replies holds the shutdown up only for the grace period.
+#[test]
+fn shutdown_answers_what_was_received_and_is_bounded() {
+    let mut f = Fixture::start();
+    let mut writer = Raw::go(&f, "disk", false);
+    let mut out = Vec::new();
+    for i in 0..4u64 {
+        let req =
+            Request { flags: 0, command: CMD_WRITE, cookie: i, offset: i << 20, length: 1 << 20 };
+        req.encode(&mut out, false).unwrap();
+        out.extend_from_slice(&vec![0xab; 1 << 20]);
+    }
+    writer.send(&out);
+    for _ in 0..4 {
+        assert_eq!(writer.chunk(false).0, REPLY_FLAG_DONE);
+    }
+    // A client that asks for 256 MiB and reads none of it.
+    let mut stuck = Raw::go(&f, "disk", false);
+    let mut out = Vec::new();
+    for i in 0..64u64 {
+        let req = Request { flags: 0, command: CMD_READ, cookie: i, offset: 0, length: 4 << 20 };
+        req.encode(&mut out, false).unwrap();
+    }
+    stuck.send(&out);
+    let mut negotiating = Raw::start(&f);
+    // Requests sent just before the shutdown, given time to arrive.
+    let mut out = Vec::new();
+    for i in 0..8u64 {
+        let req = Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 100 + i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        req.encode(&mut out, false).unwrap();
+        out.extend_from_slice(&[i as u8 + 1; 4096]);
+    }
+    writer.send(&out);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let handle = f.handle.take().unwrap();
+    let started = std::time::Instant::now();
+    f.rt.block_on(handle.shutdown(Duration::from_millis(300)));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+    assert!(!f.sock.exists());
+    assert!(UnixStream::connect(&f.sock).is_err());
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let (flags, ty, cookie, _) = writer.chunk(false);
+        assert_eq!((flags, ty), (REPLY_FLAG_DONE, REPLY_TYPE_NONE), "an error reply");
+        answered.insert(cookie);
+    }
+    assert_eq!(answered, (100..108).collect());
+    writer.assert_closed();
+    negotiating.assert_closed();
+    stuck.assert_closed();
+    assert!(f.disk.contents()[7 * 4096..8 * 4096].iter().all(|&b| b == 8));
+}

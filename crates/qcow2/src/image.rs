@@ -806,6 +806,14 @@ pub(crate) fn read_table(
 }
 
 /// Refuses the features this crate does not implement.
+/// The feature checks [`Qcow2Image::open`] makes of a header (encryption, unknown and
+/// unsupported incompatible features, the compression type, the corrupt bit for a
+/// writable open, the dirty bit), without opening anything: a caller that opens an
+/// image read-only for now can learn whether a writable open would be refused, and why.
+pub fn check_open_features(header: &Header, writable: bool) -> Result<()> {
+    check_features(header, writable)
+}
+
 fn check_features(h: &Header, writable: bool) -> Result<()> {
     match h.crypt_method {
         0 => {}

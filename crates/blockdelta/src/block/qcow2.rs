@@ -36,6 +36,8 @@ pub struct Qcow2Driver {
 /// What the qcow2 format allows for persistent bitmaps (QEMU's checks and texts).
 pub struct Qcow2Persistence {
     writable: bool,
+    /// A rehearsal ([`OpenMode::Rehearsal`]): changes are checked, never written.
+    rehearsal: bool,
     version: u32,
     cluster_size: u64,
     image: Arc<Qcow2Image>,
@@ -97,10 +99,16 @@ impl BitmapPersistence for Qcow2Persistence {
     }
 
     fn remove_stored(&self, name: &str) -> Result<(), String> {
+        if self.rehearsal {
+            return Ok(());
+        }
         self.image.remove_stored_bitmap(name).map_err(|e| e.to_string())
     }
 
     fn store(&self, bitmaps: &[BitmapToStore<'_>]) -> Result<(), String> {
+        if self.rehearsal {
+            return Ok(());
+        }
         let list: Vec<StoredBitmap<'_>> = bitmaps
             .iter()
             .map(|b| StoredBitmap {
@@ -116,6 +124,22 @@ impl BitmapPersistence for Qcow2Persistence {
     fn stored_names(&self) -> Result<Vec<String>, String> {
         self.image.stored_bitmap_names().map_err(|e| e.to_string())
     }
+}
+
+/// How [`Qcow2Driver::open_with`] opens an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// For reading only.
+    ReadOnly,
+    /// For reading and writing: the bitmaps are marked in use on disk at once.
+    ReadWrite,
+    /// A rehearsal of a read-write open, for tools that try a list of bitmap changes
+    /// before making any (`blockdelta bitmap`): the image is opened for reading only,
+    /// but refused as a read-write open would refuse it, and its bitmaps are loaded as
+    /// a read-write open loads them (in use on disk = inconsistent) without marking
+    /// them in use. The persistence accepts bitmaps as a writable image does, and its
+    /// removals and stores do nothing. Nothing is ever written to the file.
+    Rehearsal,
 }
 
 /// Where the backing image comes from.
@@ -138,12 +162,30 @@ pub fn to_io(e: Qcow2Error) -> io::Error {
 }
 
 impl Qcow2Driver {
-    /// Opens the image on the node `file`.
+    /// Opens the image on the node `file`, for reading and writing or for reading
+    /// only.
     pub fn open(file: Arc<Node>, backing: Backing, writable: bool) -> Result<Self, String> {
+        let mode = if writable { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+        Self::open_with(file, backing, mode, true)
+    }
+
+    /// Opens the image on the node `file` in `mode`. `warn`: print QEMU's warning about
+    /// stale bitmaps (a caller that opens the same image twice prints it once).
+    pub fn open_with(
+        file: Arc<Node>,
+        backing: Backing,
+        mode: OpenMode,
+        warn: bool,
+    ) -> Result<Self, String> {
+        let writable = mode == OpenMode::ReadWrite;
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let header =
             qcow2::image::read_header(storage.as_ref(), storage.len().map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
+        if mode == OpenMode::Rehearsal {
+            // What a writable open would refuse (a corrupt image) is refused here too.
+            qcow2::image::check_open_features(&header, true).map_err(|e| e.to_string())?;
+        }
         let mut options = OpenOptions { writable, ..OpenOptions::default() };
         let mut backing_node = None;
         let mut backing_file = None;
@@ -176,9 +218,10 @@ impl Qcow2Driver {
         }
         let image =
             Arc::new(Qcow2Image::open(storage.clone(), options).map_err(|e| e.to_string())?);
-        let loaded = load_bitmaps(storage.as_ref(), &header, writable)?;
+        let loaded = load_bitmaps(storage.as_ref(), &header, writable, warn)?;
         let persistence = Arc::new(Qcow2Persistence {
-            writable,
+            writable: writable || mode == OpenMode::Rehearsal,
+            rehearsal: mode == OpenMode::Rehearsal,
             version: header.version,
             cluster_size: header.cluster_size(),
             image: image.clone(),
@@ -203,11 +246,13 @@ impl Qcow2Driver {
 /// bitmap found in use is inconsistent (its bits are not read). A writable open marks
 /// them all in use on disk before anything else is written, so that a crash, or a close
 /// that does not store them, leaves them inconsistent rather than stale: a stale bitmap
-/// would let an incremental backup miss writes.
+/// would let an incremental backup miss writes. `warn`: print QEMU's warning when the
+/// bitmaps are stale.
 fn load_bitmaps(
     storage: &dyn Storage,
     header: &Header,
     writable: bool,
+    warn: bool,
 ) -> Result<Vec<LoadedBitmap>, String> {
     let Some(data) = header.extension(EXT_BITMAPS) else { return Ok(Vec::new()) };
     if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
@@ -219,9 +264,11 @@ fn load_bitmaps(
         } else {
             "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent"
         };
-        eprintln!(
-            "warning: {what}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
-        );
+        if warn {
+            eprintln!(
+                "warning: {what}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+            );
+        }
         return Ok(Vec::new());
     }
     let cluster_size = header.cluster_size();

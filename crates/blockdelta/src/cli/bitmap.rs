@@ -3,20 +3,28 @@
 //!
 //! As `qemu-img bitmap` does (spec 6.7): the image is opened read-write without its
 //! backing chain, the actions run in command-line order on the one bitmap through the
-//! bitmap manager (so with QEMU's checks and error texts), the first failing action
-//! stops the others, and the image is closed in any case, which stores the persistent
-//! bitmaps: what the actions before a failure did is kept. A failed action or store
-//! gives exit code 1.
+//! bitmap manager (so with QEMU's checks and error texts), and the first failing action
+//! stops the others, with exit code 1.
+//!
+//! Unlike `qemu-img bitmap`, a refused command leaves the image as it was, byte for
+//! byte (qemu-img stores the bitmaps at close whatever happened, keeping what the
+//! actions before the failure did, and grows the file by the rewritten directory): the
+//! actions run first on a rehearsal of the image's bitmaps (loaded as the read-write
+//! open loads them, checked by the same manager, nothing written), and only when every
+//! one succeeds and something changed is the image opened for writing and the actions
+//! run on it, then the bitmaps stored at close. A command that changes nothing writes
+//! nothing. The file is opened read-write (and locked) from the start, so a busy image
+//! is refused as qemu-img refuses it.
 
 use std::process::ExitCode;
 
-use blockdelta::block::dirty_bitmap::{AddBitmap, BitmapRef};
+use blockdelta::block::dirty_bitmap::{AddBitmap, BitmapInfo, BitmapRef, NodeBitmaps};
 use blockdelta::block::node::Node;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches};
 
 use super::Failure;
-use super::image::{Format, OpenImage, open_image};
+use super::image::{Format, OpenImage, open_image, open_image_file};
 use super::size::parse_size;
 
 /// The arguments of `blockdelta bitmap`.
@@ -173,25 +181,48 @@ fn plan(args: &BitmapArgs, matches: &ArgMatches) -> Result<Plan, Failure> {
 /// Runs `blockdelta bitmap`.
 pub fn run(args: &BitmapArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     let plan = plan(args, matches)?;
-    let target = open_image(&plan.image, plan.format, true)?;
+    // Opened read-write and locked as qemu-img opens it, but nothing is written yet.
+    let target = open_image_file(&plan.image, plan.format, true)?;
+    let rehearsal = target.rehearsal_bitmaps()?;
     if target.format == Format::Raw && plan.format.is_none() {
         warn_probed_raw(&plan.image);
     }
-    // The source is opened before any action runs, so a source that cannot be opened
-    // changes nothing.
+    // The source is opened before any action runs, as qemu-img opens it.
     let source = match &plan.source {
         Some((file, format)) => Some(open_image(file, *format, false)?),
         None => None,
     };
-    let outcome =
-        plan.actions.iter().try_for_each(|action| apply(action, &plan, &target, source.as_ref()));
-    // Closed whatever happened, as qemu-img does: the bitmaps are stored.
-    let closed = close(&target.node);
-    if let Err(e) = outcome {
-        return Err(e.into());
+    // Every action is tried first: a refusal stops here, with nothing written.
+    let before = state(&rehearsal);
+    for action in &plan.actions {
+        apply(action, &plan, &rehearsal, source.as_ref())?;
     }
+    if state(&rehearsal) == before {
+        return Ok(ExitCode::SUCCESS);
+    }
+    drop(rehearsal);
+    // The stale-bitmap warning, if any, was printed by the rehearsal.
+    let node = target.open_node(false)?;
+    let outcome =
+        plan.actions.iter().try_for_each(|a| apply(a, &plan, node.bitmaps(), source.as_ref()));
+    // Closed whatever happened: the bitmaps are stored.
+    let closed = close(&node);
+    outcome?;
     closed?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What storing the bitmaps would write: each bitmap's record (in order, newest first)
+/// and bits.
+fn state(bitmaps: &NodeBitmaps) -> Vec<(BitmapInfo, Option<String>)> {
+    bitmaps
+        .query()
+        .into_iter()
+        .map(|info| {
+            let sha = info.name.as_deref().and_then(|n| bitmaps.sha256(n).ok());
+            (info, sha)
+        })
+        .collect()
 }
 
 /// QEMU's warning when it guesses raw for an image it opens for writing.
@@ -204,13 +235,13 @@ fn warn_probed_raw(image: &str) {
     );
 }
 
+/// Runs one action on `bitmaps` (the rehearsal's or the image's).
 fn apply(
     action: &Action,
     plan: &Plan,
-    target: &OpenImage,
+    bitmaps: &NodeBitmaps,
     source: Option<&OpenImage>,
 ) -> Result<(), Failure> {
-    let bitmaps = target.node.bitmaps();
     let name = plan.name.as_str();
     let result = match action {
         Action::Add => bitmaps

@@ -5,9 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use blockdelta::block::dirty_bitmap::NodeBitmaps;
 use blockdelta::block::file::{FileDriver, FileLength};
-use blockdelta::block::node::{Node, NodeOptions};
-use blockdelta::block::qcow2::{Backing, Qcow2Driver};
+use blockdelta::block::node::{BlockDriver, Node, NodeOptions};
+use blockdelta::block::qcow2::{Backing, OpenMode, Qcow2Driver};
 use blockdelta::block::raw::RawDriver;
 use qcow2::header::MAGIC;
 use qcow2::storage::{ConflictKind, FileOptions, FileStorage, LockConflict, Locking, Storage};
@@ -87,8 +88,92 @@ fn node_name() -> String {
 pub struct OpenImage {
     /// The format node.
     pub node: Arc<Node>,
-    /// Its format.
+}
+
+/// An image file opened (and locked) for reading, or for reading and writing, with its
+/// format known, before any format node is opened over it. Its format node can be
+/// opened more than once, e.g. first as a rehearsal that writes nothing, then for real,
+/// while the file stays open and locked.
+pub struct ImageFile {
+    path: String,
+    file: Arc<Node>,
+    /// The format (given or probed).
     pub format: Format,
+    writable: bool,
+    /// The format node's name, the same for each opening.
+    node_name: String,
+}
+
+/// Opens the file `path` read-write or read-only, and probes its format unless
+/// `format` is given.
+pub fn open_image_file(
+    path: &str,
+    format: Option<Format>,
+    writable: bool,
+) -> Result<ImageFile, Failure> {
+    let storage = open_file(path, writable, false)?;
+    let format = probe(&storage, path, format)?;
+    let options = NodeOptions { read_only: !writable, ..NodeOptions::default() };
+    let length = if writable { FileLength::Tracked } else { FileLength::Measured };
+    let file_driver = FileDriver::new(Arc::new(storage), length)
+        .map_err(|e| Failure::new(format!("Could not open '{path}': {}", strerror(&e))))?;
+    let file = Node::new(&node_name(), Box::new(file_driver), options, Vec::new());
+    Ok(ImageFile { path: path.to_string(), file, format, writable, node_name: node_name() })
+}
+
+impl ImageFile {
+    fn could_not_open(&self, e: String) -> Failure {
+        Failure::new(format!("Could not open '{}': {e}", self.path))
+    }
+
+    /// The format driver over the file, in `mode` (a raw driver ignores it).
+    fn driver(&self, mode: OpenMode, warn: bool) -> Result<Box<dyn BlockDriver>, Failure> {
+        let file = self.file.clone();
+        Ok(match self.format {
+            Format::Qcow2 => Box::new(
+                Qcow2Driver::open_with(file, Backing::None, mode, warn)
+                    .map_err(|e| self.could_not_open(e))?,
+            ),
+            Format::Raw => {
+                Box::new(RawDriver::new(file, 0, None).map_err(|e| self.could_not_open(e))?)
+            }
+        })
+    }
+
+    /// Opens the format node: read-write if the file was opened so (its persistent
+    /// bitmaps are then marked in use, and stored when the node closes), else read-only.
+    /// `warn`: print the format's warnings (once per image is enough).
+    pub fn open_node(&self, warn: bool) -> Result<Arc<Node>, Failure> {
+        let mode = if self.writable { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+        let driver = self.driver(mode, warn)?;
+        let options = NodeOptions { read_only: !self.writable, ..NodeOptions::default() };
+        let node = Node::open(&self.node_name, driver, options, vec![self.file.clone()])
+            .map_err(|e| self.could_not_open(e))?;
+        Ok(node)
+    }
+
+    /// The image's bitmaps as a read-write open loads them, in a manager of their own
+    /// that accepts changes as the read-write node would (same checks, same texts) and
+    /// never writes anything: to try operations before making them. Refused as a
+    /// read-write open would be refused.
+    pub fn rehearsal_bitmaps(&self) -> Result<Arc<NodeBitmaps>, Failure> {
+        let driver = self.driver(OpenMode::Rehearsal, true)?;
+        let bitmaps = NodeBitmaps::new(
+            &self.node_name,
+            driver.len(),
+            driver.cluster_size(),
+            driver.bitmap_persistence(),
+        );
+        for loaded in driver.take_loaded_bitmaps() {
+            bitmaps.add_loaded(loaded, false).map_err(|e| {
+                self.could_not_open(format!(
+                    "Could not load the bitmaps of '{}': {e}",
+                    self.node_name
+                ))
+            })?;
+        }
+        Ok(Arc::new(bitmaps))
+    }
 }
 
 /// Opens `path` read-write or read-only, without backing, in `format` (probed when
@@ -98,27 +183,6 @@ pub fn open_image(
     format: Option<Format>,
     writable: bool,
 ) -> Result<OpenImage, Failure> {
-    let storage = open_file(path, writable, false)?;
-    let format = probe(&storage, path, format)?;
-    let options = NodeOptions { read_only: !writable, ..NodeOptions::default() };
-    let could_not_open = |e: String| Failure::new(format!("Could not open '{path}': {e}"));
-    let file_driver = FileDriver::new(
-        Arc::new(storage),
-        if writable { FileLength::Tracked } else { FileLength::Measured },
-    )
-    .map_err(|e| could_not_open(strerror(&e)))?;
-    let file = Node::new(&node_name(), Box::new(file_driver), options, Vec::new());
-    let node = match format {
-        Format::Qcow2 => {
-            let driver =
-                Qcow2Driver::open(file.clone(), Backing::None, writable).map_err(could_not_open)?;
-            Node::open(&node_name(), Box::new(driver), options, vec![file])
-        }
-        Format::Raw => {
-            let driver = RawDriver::new(file.clone(), 0, None).map_err(could_not_open)?;
-            Node::open(&node_name(), Box::new(driver), options, vec![file])
-        }
-    }
-    .map_err(could_not_open)?;
-    Ok(OpenImage { node, format })
+    let file = open_image_file(path, format, writable)?;
+    Ok(OpenImage { node: file.open_node(true)? })
 }

@@ -1,7 +1,8 @@
 //! `blockdelta serve`: a storage daemon started with qemu-storage-daemon's options
 //! (`--blockdev`, `--nbd-server`, `--export`, `--chardev`, `--monitor`, `--pidfile`),
 //! processed in the order given. SIGTERM, SIGINT, SIGHUP or QMP `quit` end it cleanly:
-//! connections closed, persistent bitmaps stored, images flushed, locks released.
+//! NBD requests in flight completed and answered, connections closed, persistent bitmaps
+//! stored, images flushed, locks released.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -16,7 +17,7 @@ use blockdelta::block::options::{OptionsReader, parse_keyval_or_json};
 use blockdelta::export::{BlockExportOptions, ExportManager, NbdServerOptions};
 use blockdelta::qmp::Qmp;
 use blockdelta::qmp::monitor::Monitor;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Notify;
 
 const USAGE: &str = "\
@@ -38,6 +39,10 @@ Serve block nodes over NBD and QMP, with qemu-storage-daemon's options:
   --pidfile <path>       write the process id to this file
   -h, --help             print this help
 ";
+
+/// How long a clean shutdown waits for NBD requests in flight (and for their clients
+/// to take the replies) before dropping what is left.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One option as given.
 struct DaemonOption {
@@ -105,16 +110,25 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let quit = Arc::new(Notify::new());
     let qmp = Arc::new(Qmp::new(graph.clone(), exports.clone(), quit.clone()));
     let result = runtime.block_on(async {
+        // Before anything a supervisor could observe (sockets, the pidfile) and before
+        // any image is opened: from here on a SIGTERM, SIGINT or SIGHUP is a clean
+        // shutdown, once the setup is done, never the default action (death, with the
+        // bitmaps left in use).
+        let mut signals = ShutdownSignals::install()?;
         let mut monitors = Vec::new();
         setup(&options, &graph, &exports, &qmp, &mut monitors).await?;
         if let Some(path) = &pidfile {
             write_pidfile(path)?;
         }
-        wait_for_shutdown(&quit).await?;
+        signals.wait(&quit).await;
         // Running jobs are cancelled: their bitmaps are reclaimed, nothing is lost.
         qmp.jobs().cancel_all().await;
-        exports.shutdown();
+        // No more QMP commands (none may start a server or an export now).
         drop(monitors);
+        // NBD clients: no new connections or requests, the requests received complete
+        // and are answered, then the connections close (as qemu-storage-daemon answers
+        // them, and never with an error because of the shutdown).
+        exports.drain(SHUTDOWN_GRACE).await;
         anyhow::Ok(())
     });
     // Dropping the runtime waits for block I/O still running on its threads, so that
@@ -237,17 +251,33 @@ fn write_pidfile(path: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("Failed to write pid file {}", path.display()))
 }
 
-async fn wait_for_shutdown(quit: &Notify) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
-        _ = quit.notified() => {}
+/// The signals that end the daemon cleanly. Once installed, a signal is kept until
+/// [`wait`](Self::wait) sees it, however early it came.
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers (within the runtime).
+    fn install() -> anyhow::Result<Self> {
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+        })
     }
-    Ok(())
+
+    /// Waits for one of the signals, or `quit`.
+    async fn wait(&mut self, quit: &Notify) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.hup.recv() => {}
+            _ = quit.notified() => {}
+        }
+    }
 }
 
 /// Closes every node, users before the nodes they use, reporting every failure.

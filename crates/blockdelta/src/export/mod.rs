@@ -82,7 +82,7 @@ pub enum ExportError {
 struct NbdServerState {
     registry: Arc<Exports>,
     multi_conn: bool,
-    _listener: ServerHandle,
+    listener: ServerHandle,
 }
 
 /// An export, by id.
@@ -147,11 +147,8 @@ impl ExportManager {
         if state.is_some() {
             return Err(ExportError::ServerAlreadyRunning);
         }
-        *state = Some(NbdServerState {
-            registry,
-            multi_conn: options.max_connections != 1,
-            _listener: listener,
-        });
+        *state =
+            Some(NbdServerState { registry, multi_conn: options.max_connections != 1, listener });
         Ok(())
     }
 
@@ -271,11 +268,24 @@ impl ExportManager {
         self.lock_exports().keys().cloned().collect()
     }
 
-    /// Stops the server (if running) and drops every export: what shutdown does.
+    /// Stops the server (if running) at once and drops every export: connections are
+    /// cut off, requests in flight get no reply.
     pub fn shutdown(&self) {
         // Exports exist only while the server runs, and stopping it drops them; not
         // running is no error here.
         let _ = self.stop_nbd_server();
+    }
+
+    /// What a daemon's clean shutdown does: the server (if running) stops accepting
+    /// clients and requests, the requests already received complete and are answered,
+    /// then the connections close (see [`ServerHandle::shutdown`]; after `grace` what
+    /// is left is dropped unanswered), and every export is dropped. When this returns no
+    /// request is running any more, so none can be answered later, e.g. with an error
+    /// while the runtime shuts down.
+    pub async fn drain(&self, grace: std::time::Duration) {
+        let Some(state) = self.lock_server().take() else { return };
+        self.lock_exports().clear();
+        state.listener.shutdown(grace).await;
     }
 
     fn lock_server(&self) -> std::sync::MutexGuard<'_, Option<NbdServerState>> {
