@@ -56,7 +56,9 @@ fn nbd_reads_are_answered_while_a_bitmap_of_a_1_tib_disk_is_hashed() {
         })
     };
     while answered.load(Ordering::Relaxed) < 100 {
-        thread::yield_now(); // the reader is connected and in its stride
+        // The reader is connected and in its stride; a reader that failed says why.
+        assert!(!reader.is_finished(), "the reader stopped before the command");
+        thread::yield_now();
     }
     let before = answered.load(Ordering::Relaxed);
     let reply = daemon
