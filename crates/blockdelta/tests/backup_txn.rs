@@ -115,6 +115,15 @@ impl Side {
                 o.remove("dirty-bitmaps");
                 let image = o["image"].as_object_mut().unwrap();
                 image.remove("actual-size");
+                // The bitmap directory on disk while the daemons run: blockdelta stores a
+                // new crash-safe bitmap at once (in use), QEMU at close.
+                if let Some(data) = image
+                    .get_mut("format-specific")
+                    .and_then(|f| f.get_mut("data"))
+                    .and_then(Value::as_object_mut)
+                {
+                    data.remove("bitmaps");
+                }
                 // A host file's length depends on each program's cluster allocation.
                 if image["format"] == "file" {
                     image.remove("virtual-size");

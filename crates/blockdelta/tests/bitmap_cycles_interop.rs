@@ -168,6 +168,7 @@ impl World {
                     granularity: Some(granularity),
                     persistent: true,
                     disabled: !enabled,
+                    intent: Default::default(),
                 })
                 .unwrap();
             self.log.push(format!("add {name} {granularity} enabled={enabled}"));

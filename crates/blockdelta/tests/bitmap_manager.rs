@@ -304,6 +304,7 @@ fn add_checks_in_qemus_order_with_exact_texts() {
         granularity,
         persistent,
         disabled: false,
+        intent: Default::default(),
     };
     // An empty name is reported before a bad granularity.
     assert_eq!(msg(node.add(&req("", Some(1000), false))), "Bitmap name cannot be empty");
@@ -383,6 +384,7 @@ fn query_lists_newest_first_with_anonymous_bitmaps_unnamed() {
         persistent: true,
         disabled: true,
         granularity: Some(131072),
+        intent: Default::default(),
     })
     .unwrap();
     node.add_anonymous(65536, true).unwrap();

@@ -48,7 +48,13 @@ async fn no_write_falls_between_two_actions_of_a_transaction() {
         ))
         .unwrap();
     node.bitmaps()
-        .add(&AddBitmap { name: "a".into(), granularity: None, persistent: false, disabled: false })
+        .add(&AddBitmap {
+            name: "a".into(),
+            granularity: None,
+            persistent: false,
+            disabled: false,
+            intent: Default::default(),
+        })
         .unwrap();
     let exports = Arc::new(ExportManager::new(graph.clone()));
     let qmp = Qmp::new(graph.clone(), exports, Arc::new(tokio::sync::Notify::new()));
@@ -244,6 +250,7 @@ fn a_file_nodes_bitmap_sees_the_qcow2_nodes_writes_and_grows_with_the_file() {
             granularity: None,
             persistent: false,
             disabled: false,
+            intent: Default::default(),
         })
         .unwrap();
     node.write_blocking(&[1u8; 65536], 16 * MIB, false).unwrap();

@@ -224,6 +224,7 @@ fn persistent_adds_are_checked_like_qemu() {
             granularity: args["granularity"].as_u64(),
             persistent: args["persistent"].as_bool().unwrap_or(false),
             disabled: false,
+            intent: Default::default(),
         };
         let ours = node.bitmaps().add(&request).map(|_| json!({})).map_err(|e| e.to_string());
         assert_eq!(ours, qemu, "{image}: {args}");
@@ -247,6 +248,7 @@ async fn bitmaps_stored_at_close_are_what_qemu_loads() {
                 granularity: Some(granularity),
                 persistent: true,
                 disabled,
+                intent: Default::default(),
             })
             .unwrap()
     };

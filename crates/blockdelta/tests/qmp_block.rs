@@ -42,13 +42,23 @@ fn normalize(value: &Value, dir: &str) -> Value {
             Value::String(out)
         }
         Value::Array(items) => Value::Array(items.iter().map(|v| normalize(v, dir)).collect()),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                // Host allocation legitimately differs between the two programs.
-                .filter(|(k, _)| k.as_str() != "actual-size")
-                .map(|(k, v)| (k.clone(), normalize(v, dir)))
-                .collect(),
-        ),
+        Value::Object(map) => {
+            // The length of the host file under a qcow2 image: blockdelta stores its
+            // crash-safe bitmaps at open (every data cluster allocated), QEMU at close.
+            let qcow2_file = map.get("format").is_some_and(|f| f == "file")
+                && map
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| f.ends_with(".qcow2"));
+            Value::Object(
+                map.iter()
+                    // Host allocation legitimately differs between the two programs.
+                    .filter(|(k, _)| k.as_str() != "actual-size")
+                    .filter(|(k, _)| !(qcow2_file && k.as_str() == "virtual-size"))
+                    .map(|(k, v)| (k.clone(), normalize(v, dir)))
+                    .collect(),
+            )
+        }
         other => other.clone(),
     }
 }

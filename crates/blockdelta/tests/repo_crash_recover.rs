@@ -1,5 +1,8 @@
 //! Push backups after a daemon crash, against qemu-storage-daemon and `blockdelta
-//! serve`: a persistent bitmap found in use when the daemon restarts is inconsistent;
+//! serve`: a persistent bitmap found in use when the daemon restarts is inconsistent
+//! (for `blockdelta serve`, whose bitmaps are crash-safe, once another program wrote
+//! the image after the crash; without that its chain just goes on, see
+//! `serve_crash_keeps_the_chain`);
 //! an incremental then fails plainly and changes nothing, `--full` replaces the bitmap
 //! at its instant, and the chain goes on. Recovery never merges bits it cannot trust:
 //! an inconsistent safety bitmap, or a fresh one of an interrupted full backup, makes
@@ -121,6 +124,7 @@ fn crashed_after_full(kind: Kind, dir: &Path, repo: &Path, write_before_crash: b
         d.io(&["write -P 3 8M 2M".into()]);
     }
     d.kill();
+    Daemon::foreign_open(dir);
     let mut d = Daemon::open(kind, dir);
     let b = record(&mut d, BITMAP).expect("the bitmap is still in the image");
     assert!(is_inconsistent(&b), "{kind:?}: {b}");
@@ -353,6 +357,7 @@ fn inconsistent_safety_bitmap(kind: Kind, recreate_name: bool) {
     let d = Daemon::open(kind, dir);
     d.io(&["write -P 3 12M 64k".into()]);
     d.kill();
+    Daemon::foreign_open(dir);
     let mut d = Daemon::open(kind, dir);
     let records = d.bitmap_records();
     assert_eq!(records.len(), 2, "{records:?}");
@@ -511,3 +516,32 @@ fn pull_after_crash_qemu_storage_daemon() {
 fn pull_after_crash_blockdelta_serve() {
     pull_after_crash(Kind::Serve);
 }
+
+/// `blockdelta serve`'s bitmaps are crash-safe: full backup, writes, `kill -9`, restart,
+/// and the next backup is an incremental that holds every write since the full one
+/// (restored, it equals the disk), with no full backup in between.
+#[test]
+fn serve_crash_keeps_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    let d = Daemon::start(Kind::Serve, dir, 64);
+    d.io(&["write -P 1 0 4M".into()]);
+    assert_eq!(backup_json(&d, &repo, true)["kind"], "full");
+    d.io(&["write -P 2 8M 1M".into(), "write -P 3 40M 64k".into()]);
+    d.kill();
+    let mut d = Daemon::open(Kind::Serve, dir);
+    let b = record(&mut d, BITMAP).expect("the bitmap survives the crash");
+    assert!(!is_inconsistent(&b) && b["recording"] == true, "{b}");
+    let inc = backup_json(&d, &repo, false);
+    assert_eq!(inc["kind"], "incremental", "{inc}");
+    assert_eq!(inc["parent"], "0001", "{inc}");
+    // At least what was written; at most the regions marked (16 MiB each, two here).
+    let copied = inc["bytes-copied"].as_u64().unwrap();
+    assert!((MIB + 64 * 1024..=32 * MIB).contains(&copied), "{inc}");
+    d.reference(&dir.join("ref-0002.qcow2"));
+    restore_and_compare(&repo, "0002", &dir.join("ref-0002.qcow2"), dir);
+    ok(bd().args(["verify", "--repo", s(&repo)]).output().unwrap());
+}
+
+const MIB: u64 = 1 << 20;

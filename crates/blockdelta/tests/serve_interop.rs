@@ -404,8 +404,10 @@ fn read_only_exports_follow_qemus_rules() {
 
 /// SIGTERM ends `blockdelta serve` cleanly: bitmaps stored (not in use), image clean, and
 /// the writes made through the export recorded. After SIGKILL the bitmaps stay in use on
-/// disk, and both blockdelta and QEMU then report them inconsistent and allow only
-/// removal.
+/// disk: QEMU reports them inconsistent and allows only removal; blockdelta trusts its
+/// write-intent record and loads them consistent (they are crash-safe), unless another
+/// program (here qemu-storage-daemon, then qemu-io) wrote the image since: then it too
+/// reports them inconsistent.
 #[test]
 fn sigterm_stores_bitmaps_and_sigkill_leaves_them_inconsistent() {
     let export = "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on";
@@ -442,9 +444,45 @@ fn sigterm_stores_bitmaps_and_sigkill_leaves_them_inconsistent() {
     let info = qemu_img(["info", "--output=json", killed.to_str().unwrap()]).unwrap();
     assert_eq!(info.matches("in-use").count(), 2, "{info}");
 
-    for kind in [Kind::Qemu, Kind::Blockdelta] {
-        let copy = keep.path().join(format!("killed-{kind:?}.qcow2"));
+    {
+        // Crash-safe: consistent after the kill, usable, stored at the next clean stop.
+        let copy = keep.path().join("killed-trusted.qcow2");
         std::fs::copy(&killed, &copy).unwrap();
+        let mut d = builder(Kind::Blockdelta)
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={}", copy.display()))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=disk0,file=file0")
+            .start()
+            .unwrap();
+        let nodes = d.execute_ok("query-named-block-nodes", json!({}));
+        let disk = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap();
+        let bitmaps = disk["dirty-bitmaps"].as_array().unwrap();
+        assert_eq!(bitmaps.len(), 2, "{bitmaps:?}");
+        for b in bitmaps {
+            assert_eq!(b.get("inconsistent"), None, "{b}");
+        }
+        d.execute_ok("block-dirty-bitmap-clear", json!({"node": "disk0", "name": "b0"}));
+        assert!(d.quit().unwrap().success());
+        let info = qemu_img(["info", "--output=json", copy.to_str().unwrap()]).unwrap();
+        assert!(!info.contains("in-use") && info.contains("\"b0\""), "{info}");
+        qemu_img(["check", copy.to_str().unwrap()]).unwrap();
+    }
+    // Written by other programs after the crash: the record is not trusted.
+    let foreign = keep.path().join("killed-foreign.qcow2");
+    std::fs::copy(&killed, &foreign).unwrap();
+    let q = builder(Kind::Qemu)
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=file0,filename={}", foreign.display()))
+        .arg("--blockdev")
+        .arg("driver=qcow2,node-name=disk0,file=file0")
+        .start()
+        .unwrap();
+    assert!(q.quit().unwrap().success());
+    qemu_io(["-c", "write -P 9 40M 64k", foreign.to_str().unwrap()]).unwrap();
+    for (kind, image) in [(Kind::Qemu, &killed), (Kind::Blockdelta, &foreign)] {
+        let copy = keep.path().join(format!("killed-{kind:?}.qcow2"));
+        std::fs::copy(image, &copy).unwrap();
         let b = builder(kind)
             .arg("--blockdev")
             .arg(format!("driver=file,node-name=file0,filename={}", copy.display()))

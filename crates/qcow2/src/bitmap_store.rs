@@ -16,6 +16,15 @@
 //!
 //! A stale extension (autoclear bit 0 clear: a program without bitmap support wrote the
 //! image) is dropped at a writable open by step 3 alone; its clusters are leaked.
+//!
+//! blockdelta's write-intent record ([`crate::intent`]) is rewritten in the header write
+//! of step 3, so it switches with the directory. A bitmap stored [`StoreForm::Open`]
+//! gets every data cluster allocated, is in use, and its record entry is bound to its
+//! new table; every entry of a bitmap not stored by this call loses its binding. A
+//! checkpoint that must keep marking regions while it runs passes [`StoreHooks`]: marks
+//! go to the old clusters until the header switched, to the new ones from
+//! [`StoreHooks::written`] on, and never to the old ones after
+//! [`StoreHooks::switched`], since they are freed after it.
 
 use hbitmap::HBitmap;
 
@@ -27,6 +36,7 @@ use crate::bitmaps::{
 use crate::error::Qcow2Error;
 use crate::header::{self, AUTOCLEAR_BITMAPS, EXT_BITMAPS, HeaderExtension};
 use crate::image::Qcow2Image;
+use crate::intent::{AUTOCLEAR_INTENT, EXT_INTENT, IntentEntry, IntentRecord};
 use crate::write::WriteState;
 
 /// A persistent bitmap held in memory, to be stored (callers skip inconsistent and
@@ -41,6 +51,62 @@ pub struct StoredBitmap<'a> {
     pub enabled: bool,
     /// The bits; their size must be the image's virtual size.
     pub bits: &'a HBitmap,
+    /// How it is stored.
+    pub form: StoreForm,
+    /// What the write-intent record says of it.
+    pub intent: Intent,
+}
+
+/// What the write-intent record ([`crate::intent`]) says of a stored bitmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Nothing new: an entry it has keeps its settings (loses its binding), none is
+    /// made (QEMU's way of storing).
+    Unchanged,
+    /// Not crash-safe, by choice: the record remembers that across opens.
+    OptedOut,
+    /// Crash-safe, with regions of `2^bits` bytes (kept across clean closes too).
+    Regions(u8),
+}
+
+/// How a bitmap is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreForm {
+    /// As QEMU stores it at a clean close: not in use, all-zero clusters left out.
+    Closed,
+    /// Crash-safe while open: in use, every data cluster allocated, so that regions can
+    /// be marked in place ([`crate::intent`]).
+    Open,
+}
+
+/// Where an open-form bitmap's data now lies: its data clusters in table order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTable {
+    /// The bitmap.
+    pub name: String,
+    /// The host offset of each data cluster.
+    pub clusters: Vec<u64>,
+}
+
+/// Calls a checkpoint gets while a store runs (see the module documentation).
+pub trait StoreHooks {
+    /// The new clusters are written and durable but not yet live: from now on, marks
+    /// must go to them too. Marks made before this call that the new data may lack are
+    /// to be written to them now; they are made durable before the header switches.
+    fn written(&mut self, image: &Qcow2Image, tables: &[OpenTable]) -> crate::error::Result<()>;
+    /// The header points at the new clusters, durably: the old ones are freed next, so
+    /// no mark may go to them any more.
+    fn switched(&mut self);
+}
+
+/// No hooks: a store with nobody marking.
+struct NoHooks;
+
+impl StoreHooks for NoHooks {
+    fn written(&mut self, _: &Qcow2Image, _: &[OpenTable]) -> crate::error::Result<()> {
+        Ok(())
+    }
+    fn switched(&mut self) {}
 }
 
 /// Why storing or removing bitmaps failed. `Display` is QEMU's text where it has one.
@@ -139,7 +205,7 @@ impl Qcow2Image {
         if !self.has_stale_bitmaps() {
             return Ok(false);
         }
-        match self.switch_bitmaps_header(None) {
+        match self.switch_bitmaps_header(None, &IntentRecord::default()) {
             Ok(()) => Ok(true),
             Err(StoreError::Image(e)) => Err(e),
             // A header loses bytes here, so it cannot outgrow the first cluster.
@@ -177,8 +243,18 @@ impl Qcow2Image {
     /// caller) and is replaced; the stored entries have `auto` iff enabled and in_use
     /// clear. See the module documentation for the crash-safe order.
     pub fn store_bitmaps(&self, bitmaps: &[StoredBitmap<'_>]) -> Result<()> {
+        self.store_bitmaps_with(bitmaps, &mut NoHooks).map(drop)
+    }
+
+    /// [`store_bitmaps`](Self::store_bitmaps) with a checkpoint's hooks; returns where
+    /// the open-form bitmaps' data now lies.
+    pub fn store_bitmaps_with(
+        &self,
+        bitmaps: &[StoredBitmap<'_>],
+        hooks: &mut dyn StoreHooks,
+    ) -> Result<Vec<OpenTable>> {
         if bitmaps.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         if !self.writable() {
             return Err(Qcow2Error::ReadOnly.into());
@@ -239,28 +315,38 @@ impl Qcow2Image {
         // Fail before allocating when the new header would not fit.
         let placeholder =
             BitmapsExtension { nb_bitmaps: 1, directory_size: 0, directory_offset: 0 };
-        self.bitmaps_header(Some(placeholder))?;
+        let record = self.intent_record_after(bitmaps, &[], &entries);
+        self.bitmaps_header(Some(placeholder), &record)?;
+        let mut open_tables = Vec::new();
         for b in bitmaps {
             let clusters = bitmaps::encode_clusters(b.bits, cs).map_err(|e| {
                 StoreError::Constraints { name: b.name.to_string(), reason: e.to_string() }
             })?;
             let mut table = vec![0u64; clusters.len()];
+            let zero = vec![0u8; cs as usize];
             for (slot, data) in table.iter_mut().zip(&clusters) {
-                if let Some(data) = data {
-                    let off = self.alloc_run(&mut ws, 1)?;
-                    self.swrite(data, off, "writing bitmap data")?;
-                    *slot = off;
-                }
+                let data = match (data, b.form) {
+                    (Some(data), _) => data,
+                    (None, StoreForm::Open) => &zero,
+                    (None, StoreForm::Closed) => continue,
+                };
+                let off = self.alloc_run(&mut ws, 1)?;
+                self.swrite(data, off, "writing bitmap data")?;
+                *slot = off;
+            }
+            if b.form == StoreForm::Open {
+                open_tables.push(OpenTable { name: b.name.to_string(), clusters: table.clone() });
             }
             let table_clusters = (table.len() as u64 * 8).div_ceil(cs);
             let table_off = self.alloc_run(&mut ws, table_clusters)?;
             let mut raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             raw.resize((table_clusters * cs) as usize, 0);
             self.swrite(&raw, table_off, "writing a bitmap table")?;
+            let in_use = if b.form == StoreForm::Open { bitmaps::FLAG_IN_USE } else { 0 };
             let entry = DirectoryEntry {
                 table_offset: table_off,
                 table_size: table.len() as u32,
-                flags: if b.enabled { FLAG_AUTO } else { 0 },
+                flags: in_use | if b.enabled { FLAG_AUTO } else { 0 },
                 bitmap_type: TYPE_DIRTY_TRACKING,
                 granularity_bits: b.granularity_bits,
                 name: b.name.to_string(),
@@ -276,7 +362,71 @@ impl Qcow2Image {
                 entries.push(entry);
             }
         }
-        self.commit_directory(&mut ws, &entries, old_ext, to_free)
+        let tables: Vec<(&str, u64)> = bitmaps
+            .iter()
+            .map(|b| {
+                let e = entries.iter().find(|e| e.name == b.name).expect("just stored");
+                (b.name, e.table_offset)
+            })
+            .collect();
+        let record = self.intent_record_after(bitmaps, &tables, &entries);
+        let written = |image: &Qcow2Image, hooks: &mut dyn StoreHooks| {
+            hooks.written(image, &open_tables)?;
+            // The marks the hook wrote, durable before the header names the clusters.
+            image.sflush()
+        };
+        self.commit_directory(&mut ws, &entries, old_ext, to_free, &record, hooks, &written)?;
+        Ok(open_tables)
+    }
+
+    /// The write-intent record after storing `bitmaps` at `tables` (name, new table
+    /// offset; empty for a size estimate) into `directory`: their entries get the new
+    /// binding, a generation more and their region size; every other entry loses its
+    /// binding, and entries of bitmaps no longer in the directory go.
+    fn intent_record_after(
+        &self,
+        bitmaps: &[StoredBitmap<'_>],
+        tables: &[(&str, u64)],
+        directory: &[DirectoryEntry],
+    ) -> IntentRecord {
+        let mut record = self.intent_record();
+        for e in &mut record.entries {
+            e.table_offset = 0;
+        }
+        for b in bitmaps {
+            let table_offset = tables.iter().find(|t| t.0 == b.name).map_or(u64::MAX, |t| t.1);
+            let region_bits = match b.intent {
+                Intent::Unchanged => continue,
+                Intent::OptedOut => None,
+                Intent::Regions(bits) => Some(bits),
+            };
+            match record.entries.iter_mut().find(|e| e.name == b.name) {
+                Some(e) => {
+                    e.table_offset = table_offset;
+                    e.generation += 1;
+                    e.region_bits = region_bits;
+                }
+                None => record.entries.push(IntentEntry {
+                    name: b.name.to_string(),
+                    table_offset,
+                    generation: 1,
+                    region_bits,
+                }),
+            }
+        }
+        record.entries.retain(|e| {
+            directory.iter().any(|d| d.name == e.name) || bitmaps.iter().any(|b| b.name == e.name)
+        });
+        record
+    }
+
+    /// The write-intent record in the header (empty without one, or when it cannot be
+    /// read: a damaged record trusts nothing).
+    pub fn intent_record(&self) -> IntentRecord {
+        match IntentRecord::from_header(&self.state().header) {
+            Some(Ok(r)) => r,
+            _ => IntentRecord::default(),
+        }
     }
 
     /// Removes a stored bitmap (QEMU's `qcow2_co_remove_persistent_dirty_bitmap`): the
@@ -302,17 +452,26 @@ impl Qcow2Image {
         };
         let removed = entries.remove(i);
         let to_free = bitmap_clusters(self, &removed).unwrap_or_default();
-        self.commit_directory(&mut ws, &entries, old_ext, to_free)
+        let mut record = self.intent_record();
+        record.entries.retain(|e| e.name != name);
+        let none = |_: &Qcow2Image, _: &mut dyn StoreHooks| Ok(());
+        self.commit_directory(&mut ws, &entries, old_ext, to_free, &record, &mut NoHooks, &none)
     }
 
     /// Writes `entries` as the new directory (in new clusters), switches the header to
-    /// it, then frees the old directory and the clusters `to_free`.
+    /// it and to `record`, then frees the old directory and the clusters `to_free`.
+    /// `written` runs when the new clusters are durable, before the header switches;
+    /// `hooks.switched` right after the switch.
+    #[allow(clippy::too_many_arguments)]
     fn commit_directory(
         &self,
         ws: &mut WriteState,
         entries: &[DirectoryEntry],
         old_ext: Option<BitmapsExtension>,
         to_free: Vec<u64>,
+        record: &IntentRecord,
+        hooks: &mut dyn StoreHooks,
+        written: &dyn Fn(&Qcow2Image, &mut dyn StoreHooks) -> crate::error::Result<()>,
     ) -> Result<()> {
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
@@ -336,7 +495,9 @@ impl Qcow2Image {
         };
         // New clusters (and their content) durable before the header references them.
         self.flush_cycle(ws)?;
-        self.switch_bitmaps_header(new_ext)?;
+        written(self, hooks)?;
+        self.switch_bitmaps_header(new_ext, record)?;
+        hooks.switched();
         let mut free = to_free;
         if let Some(old) = old_ext {
             let first = old.directory_offset >> cb;
@@ -356,36 +517,42 @@ impl Qcow2Image {
     }
 
     /// Rewrites the header with the bitmaps extension `ext` (or without it) and
-    /// autoclear bit 0 set (cleared without it), in one write, then syncs.
-    fn switch_bitmaps_header(&self, ext: Option<BitmapsExtension>) -> Result<()> {
-        let (h, bytes) = self.bitmaps_header(ext)?;
+    /// autoclear bit 0 set (cleared without it), and the write-intent `record` with bit
+    /// 40 set (both dropped when the record is empty), in one write, then syncs.
+    fn switch_bitmaps_header(
+        &self,
+        ext: Option<BitmapsExtension>,
+        record: &IntentRecord,
+    ) -> Result<()> {
+        let (h, bytes) = self.bitmaps_header(ext, record)?;
         self.swrite(&bytes, 0, "writing the header")?;
         self.sflush()?;
         self.state_mut().header = h;
         Ok(())
     }
 
-    /// The header with the bitmaps extension `ext` (or without it), and the bytes to
-    /// write at offset 0 for it.
-    fn bitmaps_header(&self, ext: Option<BitmapsExtension>) -> Result<(header::Header, Vec<u8>)> {
+    /// The header with the bitmaps extension `ext` (or without it) and the write-intent
+    /// `record`, and the bytes to write at offset 0 for it.
+    fn bitmaps_header(
+        &self,
+        ext: Option<BitmapsExtension>,
+        record: &IntentRecord,
+    ) -> Result<(header::Header, Vec<u8>)> {
         let mut h = self.state().header.clone();
         let old_bytes = header_bytes(&h);
-        let data = ext.map(|e| e.to_bytes().to_vec());
-        match (h.extensions.iter().position(|e| e.ext_type == EXT_BITMAPS), data) {
-            (Some(i), Some(d)) => h.extensions[i].data = d,
-            (Some(i), None) => {
-                h.extensions.remove(i);
-            }
-            (None, Some(d)) => {
-                h.extensions.push(HeaderExtension { ext_type: EXT_BITMAPS, data: d })
-            }
-            (None, None) => {}
-        }
+        set_extension(&mut h, EXT_BITMAPS, ext.map(|e| e.to_bytes().to_vec()));
         if ext.is_some() {
             h.autoclear_features |= AUTOCLEAR_BITMAPS;
         } else {
             h.autoclear_features &= !AUTOCLEAR_BITMAPS;
         }
+        let intent = (ext.is_some() && !record.entries.is_empty()).then(|| record.to_bytes());
+        if intent.is_some() {
+            h.autoclear_features |= AUTOCLEAR_INTENT;
+        } else {
+            h.autoclear_features &= !AUTOCLEAR_INTENT;
+        }
+        set_extension(&mut h, EXT_INTENT, intent);
         // The backing file name follows the end marker, as QEMU lays it out.
         if h.backing_file.is_some() {
             h.backing_file_offset = extensions_end(&h);
@@ -399,6 +566,18 @@ impl Qcow2Image {
             bytes.resize(old_bytes.len(), 0);
         }
         Ok((h, bytes))
+    }
+}
+
+/// Replaces, adds or (with `None`) drops the extension of type `ext_type`.
+fn set_extension(h: &mut header::Header, ext_type: u32, data: Option<Vec<u8>>) {
+    match (h.extensions.iter().position(|e| e.ext_type == ext_type), data) {
+        (Some(i), Some(d)) => h.extensions[i].data = d,
+        (Some(i), None) => {
+            h.extensions.remove(i);
+        }
+        (None, Some(d)) => h.extensions.push(HeaderExtension { ext_type, data: d }),
+        (None, None) => {}
     }
 }
 

@@ -43,6 +43,10 @@ pub struct OpenOptions {
     pub l2_cache_bytes: u64,
     /// Most bytes of refcount blocks to cache (at least one block is cached).
     pub refcount_cache_bytes: u64,
+    /// The opener keeps blockdelta's write-intent record ([`crate::intent`]) true: it
+    /// marks regions before writing to them. Without this a writer clears autoclear
+    /// bit 40 before its first write, as it clears every bit it does not honour.
+    pub write_intent: bool,
 }
 
 impl Default for OpenOptions {
@@ -53,6 +57,7 @@ impl Default for OpenOptions {
             ignore_backing: false,
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
+            write_intent: false,
         }
     }
 }
@@ -84,6 +89,8 @@ pub(crate) struct ImageState {
 pub struct Qcow2Image {
     pub(crate) storage: Arc<dyn Storage>,
     writable: bool,
+    /// [`OpenOptions::write_intent`].
+    pub(crate) write_intent: bool,
     pub(crate) backing: Option<Arc<dyn BackingImage>>,
     pub(crate) cluster_bits: u32,
     pub(crate) size: AtomicU64,
@@ -257,6 +264,7 @@ impl Qcow2Image {
         let image = Qcow2Image {
             storage,
             writable: options.writable,
+            write_intent: options.write_intent,
             backing: options.backing,
             cluster_bits: h.cluster_bits,
             size: AtomicU64::new(h.size),

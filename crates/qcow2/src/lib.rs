@@ -12,7 +12,8 @@
 //! - [`backing`]: the [`BackingImage`] trait, raw images, opening backing chains.
 //! - [`write`](mod@write): the write path of [`Qcow2Image`] (writes, zero writes, discards, flush,
 //!   resize) and its crash-safe ordering.
-//! - [`bitmap_store`]: storing and removing persistent dirty bitmaps ([`bitmaps`] parses them).
+//! - [`bitmap_store`]: storing and removing persistent dirty bitmaps ([`bitmaps`] parses them);
+//!   [`intent`]: blockdelta's write-intent record, which makes them crash-safe.
 //! - [`create`]: new images, laid out as `qemu-img create -f qcow2` lays them out;
 //!   [`check`]: the consistency check and leak repair of `qemu-img check`.
 
@@ -28,6 +29,7 @@ pub mod create;
 pub mod error;
 pub mod header;
 pub mod image;
+pub mod intent;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;

@@ -181,7 +181,13 @@ impl Qcow2Image {
                 let st = self.state();
                 (st.header.version, st.header.autoclear_features)
             };
-            let keep = bits & header::AUTOCLEAR_BITMAPS;
+            // Bits this writer honours; every other must go before the first write.
+            let honoured = if self.write_intent {
+                header::AUTOCLEAR_BITMAPS | crate::intent::AUTOCLEAR_INTENT
+            } else {
+                header::AUTOCLEAR_BITMAPS
+            };
+            let keep = bits & honoured;
             if version >= 3 && bits != keep {
                 self.swrite(&keep.to_be_bytes(), 88, "writing the header")?;
                 self.sflush()?;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hbitmap::HBitmap;
-use qcow2::bitmap_store::{StoreError, StoredBitmap};
+use qcow2::bitmap_store::{Intent, StoreError, StoreForm, StoredBitmap};
 use qcow2::bitmaps::{self, BitmapsExtension, DirectoryEntry};
 use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use qcow2::storage::{FileStorage, MemStorage, Storage, Survivors};
@@ -143,13 +143,29 @@ fn stored_bitmaps_read_back_in_qemu_and_replace_cleanly() {
         let (_s, image) = open_file(&img);
         image
             .store_bitmaps(&[
-                StoredBitmap { name: "fine", granularity_bits: 9, enabled: true, bits: &fine },
-                StoredBitmap { name: "mid", granularity_bits: 16, enabled: true, bits: &mid },
+                StoredBitmap {
+                    name: "fine",
+                    granularity_bits: 9,
+                    enabled: true,
+                    bits: &fine,
+                    form: StoreForm::Closed,
+                    intent: Intent::Unchanged,
+                },
+                StoredBitmap {
+                    name: "mid",
+                    granularity_bits: 16,
+                    enabled: true,
+                    bits: &mid,
+                    form: StoreForm::Closed,
+                    intent: Intent::Unchanged,
+                },
                 StoredBitmap {
                     name: "coarse",
                     granularity_bits: 21,
                     enabled: false,
                     bits: &coarse,
+                    form: StoreForm::Closed,
+                    intent: Intent::Unchanged,
                 },
             ])
             .unwrap();
@@ -186,8 +202,22 @@ fn stored_bitmaps_read_back_in_qemu_and_replace_cleanly() {
         assert!(directory(s.as_ref(), &image).unwrap().iter().all(DirectoryEntry::in_use));
         image
             .store_bitmaps(&[
-                StoredBitmap { name: "fine", granularity_bits: 9, enabled: true, bits: &fine },
-                StoredBitmap { name: "mid", granularity_bits: 16, enabled: false, bits: &mid },
+                StoredBitmap {
+                    name: "fine",
+                    granularity_bits: 9,
+                    enabled: true,
+                    bits: &fine,
+                    form: StoreForm::Closed,
+                    intent: Intent::Unchanged,
+                },
+                StoredBitmap {
+                    name: "mid",
+                    granularity_bits: 16,
+                    enabled: false,
+                    bits: &mid,
+                    form: StoreForm::Closed,
+                    intent: Intent::Unchanged,
+                },
             ])
             .unwrap();
         let entries = directory(s.as_ref(), &image).unwrap();
@@ -214,6 +244,8 @@ fn stored_bitmaps_read_back_in_qemu_and_replace_cleanly() {
                 granularity_bits: 9,
                 enabled: true,
                 bits: &fine,
+                form: StoreForm::Closed,
+                intent: Intent::Unchanged,
             }])
             .unwrap_err();
         assert!(matches!(err, StoreError::AlreadyExists(_)));
@@ -264,6 +296,8 @@ fn header_rewrite_keeps_other_fields_and_extensions() {
                 granularity_bits: 16,
                 enabled: true,
                 bits: &bits,
+                form: StoreForm::Closed,
+                intent: Intent::Unchanged,
             }])
             .unwrap();
         let h1 = image.header();
@@ -358,12 +392,21 @@ fn power_cut_during_store_and_remove() {
                 mark_all_in_use(storage, image);
                 image
                     .store_bitmaps(&[
-                        StoredBitmap { name: "old", granularity_bits: 9, enabled: true, bits: &a },
+                        StoredBitmap {
+                            name: "old",
+                            granularity_bits: 9,
+                            enabled: true,
+                            bits: &a,
+                            form: StoreForm::Closed,
+                            intent: Intent::Unchanged,
+                        },
                         StoredBitmap {
                             name: "new",
                             granularity_bits: 12,
                             enabled: false,
                             bits: &b,
+                            form: StoreForm::Closed,
+                            intent: Intent::Unchanged,
                         },
                     ])
                     .unwrap();
@@ -455,6 +498,8 @@ fn one_tib_sparse_store_and_load() {
             granularity_bits: 16,
             enabled: true,
             bits: &bits,
+            form: StoreForm::Closed,
+            intent: Intent::Unchanged,
         }])
         .unwrap();
     let stored = t.elapsed();
@@ -507,6 +552,8 @@ fn header_without_room_fails_cleanly() {
             granularity_bits: 16,
             enabled: true,
             bits: &bits,
+            form: StoreForm::Closed,
+            intent: Intent::Unchanged,
         }])
         .unwrap_err();
     assert!(matches!(err, StoreError::HeaderTooBig), "{err}");

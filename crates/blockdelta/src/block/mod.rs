@@ -5,6 +5,7 @@ pub mod dirty_bitmap;
 pub mod file;
 pub mod gate;
 pub mod graph;
+pub mod memory;
 pub mod node;
 pub mod options;
 pub mod qcow2;

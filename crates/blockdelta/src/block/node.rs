@@ -321,6 +321,11 @@ impl Node {
                 .add_loaded(bitmap, options.read_only)
                 .map_err(|e| format!("Could not load the bitmaps of '{name}': {e}"))?;
         }
+        // Crash-safe bitmaps are stored open before the first write can reach the
+        // image: from here on every write is marked first.
+        node.bitmaps
+            .checkpoint()
+            .map_err(|e| format!("Could not make the bitmaps of '{name}' crash-safe: {e}"))?;
         Ok(node)
     }
 
@@ -601,7 +606,14 @@ impl Node {
         }
         self.driver.check_resize(new_len).map_err(ResizeError::Driver)?;
         self.bitmaps
-            .resize_with(new_len, || self.driver.resize(new_len).map_err(ResizeError::Driver))
+            .resize_with(new_len, || self.driver.resize(new_len).map_err(ResizeError::Driver))?;
+        // The stored tables have the old size: store them at the new one before any
+        // write can reach the new bytes (requests are still held here).
+        if let Err(e) = self.bitmaps.checkpoint() {
+            // Writes past the old end then fail rather than go unmarked.
+            eprintln!("warning: {}: crash-safe bitmaps not stored after a resize: {e}", self.name);
+        }
+        Ok(())
     }
     /// Reads `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -693,6 +705,7 @@ impl NodeIo<'_> {
         let _req = self.enter();
         node.check_writable(offset, len, self.origin)?;
         node.run_before_write(offset, len)?;
+        node.bitmaps.before_write(offset, len)?;
         let zeroes = node.options.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0);
         // The block layer's events around a write, as QEMU emits them (for blkdebug).
         node.debug_event(if zeroes { DebugEvent::PWRITEV_ZERO } else { DebugEvent::PWRITEV });
@@ -713,6 +726,7 @@ impl NodeIo<'_> {
         let _req = self.enter();
         node.check_writable(offset, len, self.origin)?;
         node.run_before_write(offset, len)?;
+        node.bitmaps.before_write(offset, len)?;
         let flags = ZeroFlags { may_unmap: flags.may_unmap && node.options.discard_unmap, ..flags };
         node.debug_event(DebugEvent::PWRITEV_ZERO);
         let result = node.driver.write_zeroes(offset, len, flags);
@@ -731,6 +745,7 @@ impl NodeIo<'_> {
             return Ok(());
         }
         node.run_before_write(offset, len)?;
+        node.bitmaps.before_write(offset, len)?;
         let result = node.driver.discard(offset, len);
         node.bitmaps.set_dirty(offset, len);
         result

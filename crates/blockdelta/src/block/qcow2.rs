@@ -8,15 +8,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use qcow2::backing::{self, BackingImage, BlockState};
-use qcow2::bitmap_store::StoredBitmap;
+use qcow2::bitmap_store::{self as store, Intent, OpenTable, StoreHooks, StoredBitmap};
 use qcow2::bitmaps::{self as qbitmaps, BitmapsExtension};
 use qcow2::error::Qcow2Error;
 use qcow2::header::{AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header};
 use qcow2::image::{OpenOptions, Qcow2Image};
+use qcow2::intent::IntentRecord;
 use qcow2::storage::Storage;
 
 use super::blkdebug::DebugEvent;
-use super::dirty_bitmap::{BitmapPersistence, BitmapToStore, LoadedBitmap};
+use super::dirty_bitmap::{
+    BitmapPersistence, BitmapToStore, CheckpointHooks, LoadedBitmap, StoreForm,
+};
 use super::node::{BlockDriver, BlockStatus, IoOrigin, Node, ZeroFlags};
 
 /// The qcow2 format over a file node.
@@ -109,20 +112,83 @@ impl BitmapPersistence for Qcow2Persistence {
         if self.rehearsal {
             return Ok(());
         }
-        let list: Vec<StoredBitmap<'_>> = bitmaps
-            .iter()
-            .map(|b| StoredBitmap {
-                name: b.name,
-                granularity_bits: b.granularity.trailing_zeros() as u8,
-                enabled: b.enabled,
-                bits: b.bits,
-            })
-            .collect();
-        self.image.store_bitmaps(&list).map_err(|e| e.to_string())
+        self.image.store_bitmaps(&stored_list(bitmaps)).map_err(|e| e.to_string())
+    }
+
+    fn supports_intent(&self) -> bool {
+        self.writable && !self.rehearsal && self.version >= 3
+    }
+
+    fn checkpoint(
+        &self,
+        bitmaps: &[BitmapToStore<'_>],
+        hooks: &mut dyn CheckpointHooks,
+    ) -> Result<(), String> {
+        if self.rehearsal {
+            return Ok(());
+        }
+        let mut hooks = HooksAdapter(hooks);
+        self.image
+            .store_bitmaps_with(&stored_list(bitmaps), &mut hooks)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn write_marks(
+        &self,
+        table: &[u64],
+        granularity_bits: u8,
+        region_bits: u8,
+        regions: &[u64],
+    ) -> Result<(), String> {
+        self.image
+            .write_intent_marks(table, granularity_bits, region_bits, regions)
+            .map_err(|e| e.to_string())
+    }
+
+    fn sync_marks(&self) -> Result<(), String> {
+        self.image.sync_storage().map_err(|e| e.to_string())
     }
 
     fn stored_names(&self) -> Result<Vec<String>, String> {
         self.image.stored_bitmap_names().map_err(|e| e.to_string())
+    }
+}
+
+/// The manager's bitmaps as the qcow2 store takes them.
+fn stored_list<'a>(bitmaps: &[BitmapToStore<'a>]) -> Vec<StoredBitmap<'a>> {
+    bitmaps
+        .iter()
+        .map(|b| StoredBitmap {
+            name: b.name,
+            granularity_bits: b.granularity.trailing_zeros() as u8,
+            enabled: b.enabled,
+            bits: b.bits,
+            form: match b.form {
+                StoreForm::Closed => store::StoreForm::Closed,
+                StoreForm::Open => store::StoreForm::Open,
+            },
+            intent: b.crash_safe.map_or(Intent::OptedOut, Intent::Regions),
+        })
+        .collect()
+}
+
+/// The manager's checkpoint hooks as the qcow2 store calls them.
+struct HooksAdapter<'a>(&'a mut dyn CheckpointHooks);
+
+impl StoreHooks for HooksAdapter<'_> {
+    fn written(&mut self, _: &Qcow2Image, tables: &[OpenTable]) -> qcow2::error::Result<()> {
+        let tables: Vec<(String, Vec<u64>)> =
+            tables.iter().map(|t| (t.name.clone(), t.clusters.clone())).collect();
+        self.0.written(&tables).map_err(|e| Qcow2Error::Io {
+            context: "marking a write-intent region",
+            offset: 0,
+            source: io::Error::other(e),
+        })
+    }
+
+    fn switched(&mut self) {
+        self.0.switched();
     }
 }
 
@@ -186,7 +252,10 @@ impl Qcow2Driver {
             // What a writable open would refuse (a corrupt image) is refused here too.
             qcow2::image::check_open_features(&header, true).map_err(|e| e.to_string())?;
         }
-        let mut options = OpenOptions { writable, ..OpenOptions::default() };
+        // A writable open keeps the write-intent record: every write of the image goes
+        // through the node, whose bitmaps mark regions first.
+        let mut options =
+            OpenOptions { writable, write_intent: writable, ..OpenOptions::default() };
         let mut backing_node = None;
         let mut backing_file = None;
         match backing {
@@ -275,9 +344,22 @@ fn load_bitmaps(
     let ext = BitmapsExtension::parse(data, cluster_size).map_err(|e| e.to_string())?;
     let mut entries = qbitmaps::read_directory(storage, &ext, cluster_size, header.size)
         .map_err(|e| e.to_string())?;
+    // blockdelta's record: which bitmaps are crash-safe, and which in-use ones it can
+    // trust after a crash (`qcow2::intent`). A damaged record trusts nothing.
+    let record = match IntentRecord::from_header(header) {
+        Some(Ok(record)) => record,
+        Some(Err(e)) => {
+            if warn {
+                eprintln!("warning: {e}; bitmaps found in use are inconsistent");
+            }
+            IntentRecord::default()
+        }
+        None => IntentRecord::default(),
+    };
     let mut loaded = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let bits = if entry.in_use() {
+        let trusted = record.trusts(header.autoclear_features, &entry.name, entry.table_offset);
+        let bits = if entry.in_use() && !trusted {
             None
         } else {
             Some(
@@ -285,11 +367,17 @@ fn load_bitmaps(
                     .map_err(|e| e.to_string())?,
             )
         };
+        let granularity_bits = entry.granularity_bits;
+        let crash_safe = match record.get(&entry.name) {
+            Some(e) => e.region_bits,
+            None => Some(qcow2::intent::default_region_bits(granularity_bits)),
+        };
         loaded.push(LoadedBitmap {
             name: entry.name.clone(),
             granularity: entry.granularity() as u32,
             enabled: entry.auto(),
             bits,
+            crash_safe,
         });
     }
     if writable {

@@ -250,6 +250,7 @@ fn apply(
                 granularity: plan.granularity,
                 persistent: true,
                 disabled: plan.disabled,
+                ..AddBitmap::default()
             })
             .map(drop),
         Action::Remove => bitmaps.remove(name),

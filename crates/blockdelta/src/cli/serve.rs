@@ -15,8 +15,8 @@ use anyhow::{Context, anyhow, bail};
 use blockdelta::block::graph::BlockGraph;
 use blockdelta::block::options::{OptionsReader, parse_keyval_or_json};
 use blockdelta::export::{BlockExportOptions, ExportManager, NbdServerOptions};
-use blockdelta::qmp::Qmp;
 use blockdelta::qmp::monitor::Monitor;
+use blockdelta::qmp::{Checkpoints, Qmp};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Notify;
 
@@ -37,6 +37,10 @@ Serve block nodes over NBD and QMP, with qemu-storage-daemon's options:
            [,description=<d>][,bitmaps.0=<bitmap>...][,allocation-depth=on|off]
                          export a block node over NBD
   --pidfile <path>       write the process id to this file
+  --checkpoint-interval <seconds>
+                         store crash-safe bitmaps again (clearing their write-intent
+                         marks) this often when they were written to; 0: only at
+                         bitmap commands and at close (default 60)
   -h, --help             print this help
 ";
 
@@ -53,9 +57,10 @@ struct DaemonOption {
 const FLAGS: &[&str] = &["--blockdev", "--chardev", "--monitor", "--nbd-server", "--export"];
 
 /// Splits the arguments into ordered options, `--flag value` or `--flag=value`.
-fn parse_args(args: Vec<OsString>) -> anyhow::Result<Option<(Vec<DaemonOption>, Option<PathBuf>)>> {
+fn parse_args(args: Vec<OsString>) -> anyhow::Result<Option<ServeArgs>> {
     let mut options = Vec::new();
     let mut pidfile = None;
+    let mut checkpoint_interval = DEFAULT_CHECKPOINT_INTERVAL;
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let arg = arg.into_string().map_err(|a| anyhow!("argument {a:?} is not UTF-8"))?;
@@ -69,7 +74,7 @@ fn parse_args(args: Vec<OsString>) -> anyhow::Result<Option<(Vec<DaemonOption>, 
         };
         let flag = match FLAGS.iter().find(|f| **f == name) {
             Some(f) => Some(*f),
-            None if name == "--pidfile" => None,
+            None if name == "--pidfile" || name == "--checkpoint-interval" => None,
             None => bail!(
                 "unrecognized option '{arg}'\nTry 'blockdelta serve --help' for more information"
             ),
@@ -84,15 +89,31 @@ fn parse_args(args: Vec<OsString>) -> anyhow::Result<Option<(Vec<DaemonOption>, 
         };
         match flag {
             Some(flag) => options.push(DaemonOption { flag, value }),
+            None if name == "--checkpoint-interval" => {
+                let secs: u64 = value
+                    .parse()
+                    .map_err(|_| anyhow!("--checkpoint-interval expects seconds, not '{value}'"))?;
+                checkpoint_interval = std::time::Duration::from_secs(secs);
+            }
             None => pidfile = Some(PathBuf::from(value)),
         }
     }
-    Ok(Some((options, pidfile)))
+    Ok(Some(ServeArgs { options, pidfile, checkpoint_interval }))
+}
+
+/// Default of `--checkpoint-interval`.
+const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The parsed command line.
+struct ServeArgs {
+    options: Vec<DaemonOption>,
+    pidfile: Option<PathBuf>,
+    checkpoint_interval: std::time::Duration,
 }
 
 /// Runs `blockdelta serve ARGS`.
 pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
-    let Some((options, pidfile)) = parse_args(args)? else {
+    let Some(ServeArgs { options, pidfile, checkpoint_interval }) = parse_args(args)? else {
         return Ok(ExitCode::SUCCESS);
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -117,6 +138,17 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         let mut signals = ShutdownSignals::install()?;
         let mut monitors = Vec::new();
         setup(&options, &graph, &exports, &qmp, &mut monitors).await?;
+        if !checkpoint_interval.is_zero() {
+            let qmp = qmp.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(checkpoint_interval);
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    qmp.checkpoint(Checkpoints::Marked).await;
+                }
+            });
+        }
         if let Some(path) = &pidfile {
             write_pidfile(path)?;
         }

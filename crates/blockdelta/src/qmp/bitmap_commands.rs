@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::protocol::QmpError;
 use super::{finish, generic};
-use crate::block::dirty_bitmap::{AddBitmap, BitmapRef};
+use crate::block::dirty_bitmap::{AddBitmap, BitmapRef, IntentChoice};
 use crate::block::graph::BlockGraph;
 use crate::block::node::Node;
 use crate::block::options::{OptionsReader, Syntax};
@@ -24,8 +24,21 @@ pub(super) fn add_args(args: Value, at: &str) -> Result<(String, AddBitmap), Qmp
     }
     let persistent = r.take_bool("persistent").map_err(generic)?.unwrap_or(false);
     let disabled = r.take_bool("disabled").map_err(generic)?.unwrap_or(false);
+    // blockdelta's own: persistent bitmaps are crash-safe unless told otherwise.
+    let crash_safe = r.take_bool("x-crash-safe").map_err(generic)?;
+    let region = r.take_u64("x-intent-granularity").map_err(generic)?;
     finish(r)?;
-    Ok((node, AddBitmap { name, granularity, persistent, disabled }))
+    let intent = match (crash_safe, region) {
+        (Some(false), Some(_)) => {
+            return Err(QmpError::generic(
+                "x-intent-granularity cannot be given with x-crash-safe=false",
+            ));
+        }
+        (Some(false), None) => IntentChoice::Off,
+        (_, Some(bytes)) => IntentChoice::Region(bytes),
+        (_, None) => IntentChoice::Default,
+    };
+    Ok((node, AddBitmap { name, granularity, persistent, disabled, intent }))
 }
 
 /// `BlockDirtyBitmap`: `{node, name}`.

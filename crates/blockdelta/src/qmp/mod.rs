@@ -64,6 +64,16 @@ pub struct Qmp {
     transaction_hook: HookSlot,
 }
 
+/// Which nodes [`Qmp::checkpoint`] stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoints {
+    /// Nodes whose crash-safe bitmaps were written to (marked) since their last
+    /// checkpoint, or whose checkpoint is due (the periodic checkpoint).
+    Marked,
+    /// Nodes whose stored copy lags behind.
+    Wanted,
+}
+
 /// See [`Qmp::set_transaction_hook`].
 pub type TransactionHook = Arc<dyn Fn(usize) + Send + Sync>;
 
@@ -122,9 +132,42 @@ impl Qmp {
         self.quit.notify_one();
     }
 
-    /// Runs a command (capabilities negotiation is the monitor's business).
+    /// Runs a command (capabilities negotiation is the monitor's business). A command
+    /// that left a crash-safe bitmap ahead of its stored copy (an add, an enable, a
+    /// merge, a transaction of them) stores it again before the reply, so that a crash
+    /// after the reply recovers what the command did.
     pub async fn execute(&self, cmd: Command) -> Result<Value, QmpError> {
         let _serialized = self.command_lock.lock().await;
+        let result = self.execute_serialized(cmd).await;
+        self.checkpoint_nodes(Checkpoints::Wanted).await;
+        result
+    }
+
+    /// Stores the crash-safe bitmaps of every node again (all of them, or those with a
+    /// checkpoint due), serialized with the commands so that none runs inside a
+    /// transaction. Failures are reported and retried at the next call.
+    pub async fn checkpoint(&self, which: Checkpoints) {
+        let _serialized = self.command_lock.lock().await;
+        self.checkpoint_nodes(which).await;
+    }
+
+    async fn checkpoint_nodes(&self, which: Checkpoints) {
+        let nodes = self.graph.nodes();
+        let _ = crate::block::off_event_loop(|| {
+            for node in &nodes {
+                let result = match which {
+                    Checkpoints::Marked => node.bitmaps().checkpoint_if_marked(),
+                    Checkpoints::Wanted => node.bitmaps().checkpoint_if_wanted(),
+                };
+                if let Err(e) = result {
+                    eprintln!("warning: checkpoint of node '{}': {e}", node.name());
+                }
+            }
+            Ok::<(), ()>(())
+        });
+    }
+
+    async fn execute_serialized(&self, cmd: Command) -> Result<Value, QmpError> {
         let args = Value::Object(cmd.arguments);
         match cmd.name.as_str() {
             "qmp_capabilities" => {

@@ -62,6 +62,15 @@ impl Daemon {
         Daemon::open(kind, dir)
     }
 
+    /// After a crash: another program opens `dir/disk.qcow2` for writing (qemu-io,
+    /// which writes nothing but clears the autoclear bits it does not know). For
+    /// `blockdelta serve` this is what makes its crash-safe bitmaps inconsistent; for
+    /// qemu-storage-daemon they are so already.
+    pub fn foreign_open(dir: &Path) {
+        let image = dir.join("disk.qcow2");
+        testkit::qemu_io(["-c", "flush", image.to_str().unwrap()]).unwrap();
+    }
+
     /// A daemon on the existing `dir/disk.qcow2`.
     pub fn open(kind: Kind, dir: &Path) -> Daemon {
         Daemon::open_with(kind, dir, &[])

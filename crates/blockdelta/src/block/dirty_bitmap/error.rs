@@ -38,6 +38,12 @@ pub enum BitmapError {
     /// Names are at most [`MAX_NAME_LEN`](super::MAX_NAME_LEN) bytes.
     #[error("Bitmap name too long: {0}")]
     NameTooLong(String),
+    /// `x-crash-safe` / `x-intent-granularity` cannot be honoured.
+    #[error("{reason}")]
+    InvalidIntent {
+        /// Why.
+        reason: String,
+    },
     /// The node's driver cannot store bitmaps (not qcow2).
     #[error("Can't store persistent bitmaps to {node}: Operation not supported")]
     PersistenceUnsupported {

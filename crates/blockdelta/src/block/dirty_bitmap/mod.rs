@@ -8,12 +8,13 @@
 //! settlement tables are QEMU 10.0.2's (`docs/qemu-bitmaps-spec.md`, sections 2 and 5.4).
 
 mod error;
+mod intent;
 mod node_bitmaps;
 mod successor;
 
 pub use error::BitmapError;
 pub use node_bitmaps::{
-    AddBitmap, BitmapRef, BitsBackup, LoadedBitmap, NodeBitmaps, RemovePending,
+    AddBitmap, BitmapRef, BitsBackup, IntentChoice, LoadedBitmap, NodeBitmaps, RemovePending,
 };
 pub use successor::{BitmapSyncMode, JobOutcome};
 
@@ -102,6 +103,28 @@ pub struct BitmapToStore<'a> {
     pub enabled: bool,
     /// Its bits.
     pub bits: &'a hbitmap::HBitmap,
+    /// How it is stored.
+    pub form: StoreForm,
+    /// log2 of its write-intent region size when it is crash-safe (`None`: not).
+    pub crash_safe: Option<u8>,
+}
+
+/// How a persistent bitmap is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreForm {
+    /// As at a clean close (QEMU's form).
+    Closed,
+    /// Crash-safe while the node is open: in use, ready for write-intent marks.
+    Open,
+}
+
+/// A checkpoint's calls from the store (see `intent`'s module documentation).
+pub trait CheckpointHooks {
+    /// The new data clusters of the open-form bitmaps (name, clusters in table order)
+    /// are written, not yet live: marks must go there too from now on.
+    fn written(&mut self, tables: &[(String, Vec<u64>)]) -> Result<(), String>;
+    /// The new clusters are live; the old ones are freed next.
+    fn switched(&mut self);
 }
 
 /// What a node's driver does for persistent bitmaps (qcow2 implements it). Nodes
@@ -128,5 +151,38 @@ pub trait BitmapPersistence: Send + Sync {
     /// resize each must be in memory, since only those are resized (QEMU's qcow2 rule).
     fn stored_names(&self) -> Result<Vec<String>, String> {
         Ok(Vec::new())
+    }
+
+    /// Whether the driver keeps a write-intent record (crash-safe bitmaps).
+    fn supports_intent(&self) -> bool {
+        false
+    }
+
+    /// Stores `bitmaps` (open or closed form), calling `hooks` on the way.
+    fn checkpoint(
+        &self,
+        bitmaps: &[BitmapToStore<'_>],
+        hooks: &mut dyn CheckpointHooks,
+    ) -> Result<(), String> {
+        let _ = hooks;
+        self.store(bitmaps)
+    }
+
+    /// Marks `regions` of a bitmap whose open-form data clusters are `table` (not
+    /// durable until [`sync_marks`](Self::sync_marks)).
+    fn write_marks(
+        &self,
+        table: &[u64],
+        granularity_bits: u8,
+        region_bits: u8,
+        regions: &[u64],
+    ) -> Result<(), String> {
+        let _ = (table, granularity_bits, region_bits, regions);
+        Err("this driver keeps no write-intent record".into())
+    }
+
+    /// Makes the marks written so far durable.
+    fn sync_marks(&self) -> Result<(), String> {
+        Ok(())
     }
 }

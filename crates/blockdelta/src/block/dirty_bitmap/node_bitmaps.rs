@@ -1,14 +1,16 @@
 //! The bitmaps of one node: lookup, checks, add, remove, clear, enable, disable, merge,
 //! the write hook, resize and query.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hbitmap::HBitmap;
 
+use super::intent::{IntentLog, TrackedBitmap};
 use super::{
-    BitmapError, BitmapId, BitmapInfo, BitmapPersistence, BitmapToStore, Checks, MAX_NAME_LEN,
-    check_granularity, default_granularity,
+    BitmapError, BitmapId, BitmapInfo, BitmapPersistence, BitmapToStore, CheckpointHooks, Checks,
+    MAX_NAME_LEN, StoreForm, check_granularity, default_granularity,
 };
 
 /// Orders the locks of different nodes, so that a merge across nodes cannot deadlock.
@@ -26,6 +28,9 @@ pub(super) struct DirtyBitmap {
     pub(super) inconsistent: bool,
     pub(super) skip_store: bool,
     pub(super) successor: Option<BitmapId>,
+    /// log2 of the write-intent region size of a crash-safe persistent bitmap; `None`
+    /// for every other.
+    pub(super) crash_safe: Option<u8>,
 }
 
 impl DirtyBitmap {
@@ -59,6 +64,9 @@ pub(super) struct Inner {
     /// Newest first, as QEMU lists them.
     pub(super) bitmaps: Vec<DirtyBitmap>,
     next_id: u64,
+    /// The crash-safe bitmaps as the intent log last learnt them: (bitmap, recording,
+    /// region bits, granularity bits).
+    intent_view: Vec<(BitmapId, bool, u8, u8)>,
 }
 
 impl Inner {
@@ -130,6 +138,7 @@ impl Inner {
                 inconsistent: false,
                 skip_store: false,
                 successor: None,
+                crash_safe: None,
             },
         );
         Ok(id)
@@ -158,6 +167,20 @@ pub struct AddBitmap {
     pub persistent: bool,
     /// Create it disabled (not recording).
     pub disabled: bool,
+    /// Whether a persistent bitmap is crash-safe, and its region size.
+    pub intent: IntentChoice,
+}
+
+/// `x-crash-safe` and `x-intent-granularity` of `block-dirty-bitmap-add`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IntentChoice {
+    /// Crash-safe with the default region size when persistent on a node that can.
+    #[default]
+    Default,
+    /// Not crash-safe (`x-crash-safe: false`): stored at close only, as QEMU does.
+    Off,
+    /// Crash-safe with regions of this many bytes (`x-intent-granularity`).
+    Region(u64),
 }
 
 /// A persistent bitmap found in the image when the node was opened.
@@ -171,6 +194,8 @@ pub struct LoadedBitmap {
     pub enabled: bool,
     /// Its bits; `None` when it was found in use on disk: it is then inconsistent.
     pub bits: Option<HBitmap>,
+    /// log2 of its write-intent region size when it is crash-safe.
+    pub crash_safe: Option<u8>,
 }
 
 /// A merge source: a bitmap on the target's node (`node: None`) or on another node.
@@ -218,6 +243,97 @@ pub struct NodeBitmaps {
     persistence: Option<Arc<dyn BitmapPersistence>>,
     lock_key: u64,
     inner: Mutex<Inner>,
+    /// What every request asks, readable without the lock.
+    summary: Summary,
+    /// The write-intent log, when the driver keeps one (a writable qcow2 image).
+    intent: Option<IntentLog>,
+    /// One checkpoint at a time.
+    checkpoint_lock: Mutex<()>,
+    /// What is stored lags behind what a crash must recover (a crash-safe bitmap was
+    /// added, enabled, disabled, merged into, handed over): a checkpoint is due.
+    checkpoint_wanted: AtomicBool,
+}
+
+/// The facts the write path reads on every request, published under the lock each time
+/// a holder releases it ([`Locked`]), so that a node without enabled bitmaps (most file
+/// nodes) pays no lock per request. A value read is one the locked state had at some
+/// point between the reader's start and end, which is all a lock would have given.
+#[derive(Default)]
+struct Summary {
+    length: AtomicU64,
+    enabled: AtomicUsize,
+    readonly: AtomicBool,
+    /// Crash-safe bitmaps that record writes: writes must be marked first.
+    intent_active: AtomicUsize,
+}
+
+impl NodeBitmaps {
+    /// Publishes the summary, and tells the intent log when the crash-safe bitmaps
+    /// changed. Runs under the lock, each time it is released.
+    fn publish(&self, inner: &mut Inner) {
+        let s = &self.summary;
+        s.length.store(inner.length, Ordering::SeqCst);
+        let enabled = inner.bitmaps.iter().filter(|b| !b.disabled).count();
+        s.enabled.store(enabled, Ordering::SeqCst);
+        s.readonly.store(inner.bitmaps.iter().any(|b| b.readonly), Ordering::SeqCst);
+        let Some(log) = &self.intent else { return };
+        let tracked =
+            |b: &&DirtyBitmap| b.persistent && !b.inconsistent && !b.readonly && b.name.is_some();
+        let mut same = true;
+        let mut count = 0;
+        for b in inner.bitmaps.iter().filter(tracked) {
+            let Some(region) = b.crash_safe else { continue };
+            let view = (b.id, inner.recording(b), region, b.bits.granularity() as u8);
+            same &= inner.intent_view.get(count) == Some(&view);
+            count += 1;
+        }
+        if same && count == inner.intent_view.len() {
+            return;
+        }
+        let mut view = Vec::with_capacity(count);
+        let mut specs = Vec::with_capacity(count);
+        for b in inner.bitmaps.iter().filter(tracked) {
+            let Some(region) = b.crash_safe else { continue };
+            let active = inner.recording(b);
+            view.push((b.id, active, region, b.bits.granularity() as u8));
+            specs.push(TrackedBitmap {
+                name: b.name.clone().expect("tracked bitmaps are named"),
+                granularity_bits: b.bits.granularity() as u8,
+                region_bits: region,
+                active,
+            });
+        }
+        log.update(&specs);
+        s.intent_active.store(specs.iter().filter(|t| t.active).count(), Ordering::SeqCst);
+        inner.intent_view = view;
+        self.checkpoint_wanted.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The bitmap lock held: the state, and the summary published again when released.
+pub(super) struct Locked<'a> {
+    guard: MutexGuard<'a, Inner>,
+    owner: &'a NodeBitmaps,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: the guard is released after this.
+        self.owner.publish(&mut self.guard);
+    }
 }
 
 impl std::fmt::Debug for NodeBitmaps {
@@ -236,12 +352,23 @@ impl NodeBitmaps {
         cluster_size: Option<u64>,
         persistence: Option<Arc<dyn BitmapPersistence>>,
     ) -> Self {
+        let intent =
+            persistence.as_ref().filter(|p| p.supports_intent()).map(|p| IntentLog::new(p.clone()));
         NodeBitmaps {
             node_name: node_name.to_string(),
             cluster_size,
             persistence,
             lock_key: NEXT_NODE_KEY.fetch_add(1, Ordering::Relaxed),
-            inner: Mutex::new(Inner { length, bitmaps: Vec::new(), next_id: 1 }),
+            inner: Mutex::new(Inner {
+                length,
+                bitmaps: Vec::new(),
+                next_id: 1,
+                intent_view: Vec::new(),
+            }),
+            summary: Summary { length: AtomicU64::new(length), ..Summary::default() },
+            intent,
+            checkpoint_lock: Mutex::new(()),
+            checkpoint_wanted: AtomicBool::new(false),
         }
     }
 
@@ -252,7 +379,7 @@ impl NodeBitmaps {
 
     /// The length the bitmaps cover, in bytes.
     pub fn length(&self) -> u64 {
-        self.lock().length
+        self.summary.length.load(Ordering::SeqCst)
     }
 
     /// The granularity a bitmap gets when none is asked for.
@@ -260,10 +387,11 @@ impl NodeBitmaps {
         default_granularity(self.cluster_size)
     }
 
-    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(super) fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock cannot leave the list half-edited: every
         // operation validates before it mutates.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        let guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Locked { guard, owner: self }
     }
 
     /// `block-dirty-bitmap-add`: checks in QEMU's order (empty name, granularity,
@@ -301,9 +429,43 @@ impl NodeBitmaps {
         if request.name.len() > MAX_NAME_LEN {
             return Err(BitmapError::NameTooLong(request.name.clone()));
         }
+        let crash_safe = self.crash_safety(request, granularity)?;
         let id = inner.insert(Some(request.name.clone()), granularity, request.disabled)?;
-        inner.get_mut(id)?.persistent = request.persistent;
+        let bitmap = inner.get_mut(id)?;
+        bitmap.persistent = request.persistent;
+        bitmap.crash_safe = crash_safe;
         Ok(id)
+    }
+
+    /// The region bits a new bitmap gets: crash-safe by default when persistent on a
+    /// node that keeps an intent log.
+    fn crash_safety(
+        &self,
+        request: &AddBitmap,
+        granularity: u32,
+    ) -> Result<Option<u8>, BitmapError> {
+        let granularity_bits = granularity.trailing_zeros() as u8;
+        let invalid = |reason: String| BitmapError::InvalidIntent { reason };
+        match request.intent {
+            IntentChoice::Off => Ok(None),
+            _ if !request.persistent => match request.intent {
+                IntentChoice::Region(_) => {
+                    Err(invalid("x-intent-granularity needs a persistent bitmap".into()))
+                }
+                _ => Ok(None),
+            },
+            _ if self.intent.is_none() => match request.intent {
+                IntentChoice::Region(_) => Err(invalid(format!(
+                    "node '{}' cannot keep a write-intent record",
+                    self.node_name
+                ))),
+                _ => Ok(None),
+            },
+            IntentChoice::Default => Ok(Some(qcow2::intent::default_region_bits(granularity_bits))),
+            IntentChoice::Region(bytes) => {
+                qcow2::intent::check_region_size(bytes, granularity_bits).map(Some).map_err(invalid)
+            }
+        }
     }
 
     /// Adds a persistent bitmap loaded from the image (newest first, like every add, so
@@ -329,6 +491,7 @@ impl NodeBitmaps {
         let bitmap = inner.get_mut(id)?;
         bitmap.persistent = true;
         bitmap.readonly = readonly;
+        bitmap.crash_safe = loaded.crash_safe;
         match loaded.bits {
             Some(bits) => bitmap.bits = bits,
             None => {
@@ -426,6 +589,8 @@ impl NodeBitmaps {
 
     /// Puts back the bits saved by a clear or merge (a transaction's abort).
     pub fn restore(&self, backup: BitsBackup) -> Result<(), BitmapError> {
+        // Bits come back that a checkpoint since may have dropped from the stored copy.
+        self.checkpoint_wanted.store(true, Ordering::SeqCst);
         let mut inner = self.lock();
         inner.get_mut(backup.id)?.bits = backup.bits;
         Ok(())
@@ -490,6 +655,8 @@ impl NodeBitmaps {
         resolve: &dyn Fn(&str) -> Option<Arc<NodeBitmaps>>,
         keep_backup: bool,
     ) -> Result<Option<BitsBackup>, BitmapError> {
+        // The target gains bits that no write marked: the stored copy must catch up.
+        self.checkpoint_wanted.store(true, Ordering::SeqCst);
         // Resolve other nodes before locking anything; a missing node is reported in
         // its turn below.
         let others: Vec<Option<Arc<NodeBitmaps>>> =
@@ -498,7 +665,7 @@ impl NodeBitmaps {
         nodes.extend(others.iter().flatten().map(|n| &**n));
         nodes.sort_by_key(|n| n.lock_key);
         nodes.dedup_by_key(|n| n.lock_key);
-        let mut guards: Vec<MutexGuard<'_, Inner>> = nodes.iter().map(|n| n.lock()).collect();
+        let mut guards: Vec<Locked<'_>> = nodes.iter().map(|n| n.lock()).collect();
         let slot = |node: &NodeBitmaps| nodes.iter().position(|n| n.lock_key == node.lock_key);
         let target_slot = slot(self).expect("the target's node is locked");
 
@@ -543,6 +710,26 @@ impl NodeBitmaps {
     /// the node. Called for every finished write, write-zeroes and discard, whether it
     /// succeeded or not. Does not allocate.
     pub fn set_dirty(&self, offset: u64, len: u64) {
+        self.set_dirty_inner(offset, len);
+    }
+
+    /// Before a write, write-zeroes or discard is issued: with crash-safe bitmaps
+    /// recording, sets the range in the enabled bitmaps now and marks its regions
+    /// durably ([`super::intent`]). An error fails the request: it must not reach the
+    /// disk unrecorded.
+    pub fn before_write(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.summary.intent_active.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        let Some(log) = &self.intent else { return Ok(()) };
+        self.set_dirty_inner(offset, len);
+        log.ensure(offset, len)
+    }
+
+    fn set_dirty_inner(&self, offset: u64, len: u64) {
+        if self.summary.enabled.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut inner = self.lock();
         let end = offset.saturating_add(len).min(inner.length);
         if offset >= end {
@@ -580,7 +767,7 @@ impl NodeBitmaps {
 
     /// Whether a readonly bitmap exists; writes to the node must then fail with EPERM.
     pub fn has_readonly(&self) -> bool {
-        self.lock().bitmaps.iter().any(|b| b.readonly)
+        self.summary.readonly.load(Ordering::SeqCst)
     }
 
     /// Whether any named bitmap exists.
@@ -741,13 +928,105 @@ impl NodeBitmaps {
                     // A frozen bitmap is stored enabled as it was before the freeze.
                     enabled: inner.recording(b),
                     bits,
+                    form: StoreForm::Closed,
+                    crash_safe: b.crash_safe,
                 })
             })
             .collect();
-        persistence
-            .store(&list)
-            .map_err(|reason| BitmapError::Store { node: self.node_name.clone(), reason })?;
+        match &self.intent {
+            // Marks go to the open tables until the header switches to the closed ones.
+            Some(log) if !list.is_empty() => {
+                let mut hooks = LogHooks { log, tables: Vec::new() };
+                persistence.checkpoint(&list, &mut hooks)
+            }
+            _ => persistence.store(&list),
+        }
+        .map_err(|reason| BitmapError::Store { node: self.node_name.clone(), reason })?;
         Ok(list.len())
+    }
+
+    /// A checkpoint of the crash-safe bitmaps ([`super::intent`]): each is stored
+    /// again, open (in use, every data cluster allocated), with its successor's bits,
+    /// and the marks made so far are cleared. Writes go on meanwhile; this takes the
+    /// bitmap lock only to copy the bitmaps. Does nothing without crash-safe bitmaps.
+    pub fn checkpoint(&self) -> Result<(), BitmapError> {
+        let (Some(log), Some(persistence)) = (&self.intent, &self.persistence) else {
+            return Ok(());
+        };
+        let _one = self.checkpoint_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.checkpoint_wanted.store(false, Ordering::SeqCst);
+        log.begin();
+        let copies = self.crash_safe_copies()?;
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<BitmapToStore<'_>> = copies
+            .iter()
+            .map(|(name, enabled, region, bits)| BitmapToStore {
+                name,
+                granularity: 1 << bits.granularity(),
+                enabled: *enabled,
+                bits,
+                form: StoreForm::Open,
+                crash_safe: Some(*region),
+            })
+            .collect();
+        let mut hooks = LogHooks { log, tables: Vec::new() };
+        persistence.checkpoint(&list, &mut hooks).map_err(|reason| {
+            log.abort(&hooks.tables);
+            self.checkpoint_wanted.store(true, Ordering::SeqCst);
+            BitmapError::Store { node: self.node_name.clone(), reason }
+        })
+    }
+
+    /// Runs a checkpoint if one is due or a region was marked since the last one.
+    pub fn checkpoint_if_marked(&self) -> Result<(), BitmapError> {
+        let marked = self.intent.as_ref().is_some_and(IntentLog::any_marked);
+        if marked || self.checkpoint_wanted.load(Ordering::SeqCst) {
+            self.checkpoint()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs a checkpoint if one is due ([`checkpoint`](Self::checkpoint)).
+    pub fn checkpoint_if_wanted(&self) -> Result<(), BitmapError> {
+        if self.checkpoint_wanted.load(Ordering::SeqCst) { self.checkpoint() } else { Ok(()) }
+    }
+
+    /// Copies of the crash-safe bitmaps to store: (name, recording, region bits,
+    /// bits with the successor's).
+    fn crash_safe_copies(&self) -> Result<Vec<(String, bool, u8, HBitmap)>, BitmapError> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for b in &inner.bitmaps {
+            let (Some(name), Some(region)) = (&b.name, b.crash_safe) else { continue };
+            if !b.persistent || b.skip_store || b.inconsistent || b.readonly {
+                continue;
+            }
+            let mut bits = b.bits.clone();
+            if let Some(successor) = b.successor {
+                bits.merge(&inner.get(successor)?.bits)?;
+            }
+            out.push((name.clone(), inner.recording(b), region, bits));
+        }
+        Ok(out)
+    }
+
+    /// Whether bitmap `name` is crash-safe now: its marks reach a stored table.
+    pub fn is_crash_safe(&self, name: &str) -> bool {
+        self.intent.as_ref().is_some_and(|log| log.is_recorded(name))
+    }
+
+    /// The crash-safe bitmaps: name, region size in bytes, and whether marks reach a
+    /// stored table yet.
+    pub fn crash_safe_bitmaps(&self) -> Vec<(String, u64, bool)> {
+        self.intent.as_ref().map_or_else(Vec::new, |log| {
+            log.tracked()
+                .into_iter()
+                .map(|(t, recorded)| (t.name, 1u64 << t.region_bits, recorded))
+                .collect()
+        })
     }
 
     /// Whether a bitmap is to be stored at the next store: persistent and not skipped.
@@ -755,6 +1034,28 @@ impl NodeBitmaps {
         let inner = self.lock();
         let bitmap = inner.get(id)?;
         Ok(bitmap.persistent && !bitmap.skip_store)
+    }
+}
+
+/// A store's calls, passed on to the intent log.
+struct LogHooks<'a> {
+    log: &'a IntentLog,
+    tables: Vec<(String, Vec<u64>)>,
+}
+
+impl CheckpointHooks for LogHooks<'_> {
+    fn written(&mut self, tables: &[(String, Vec<u64>)]) -> Result<(), String> {
+        self.tables = tables.to_vec();
+        self.log.written(tables)
+    }
+
+    fn switched(&mut self) {
+        self.log.switched();
+        // A closed store leaves no table to mark: later writes must not reach freed
+        // clusters (there are none after a close; this makes sure).
+        if self.tables.is_empty() {
+            self.log.detach();
+        }
     }
 }
 
