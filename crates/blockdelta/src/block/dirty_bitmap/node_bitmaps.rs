@@ -574,6 +574,11 @@ impl NodeBitmaps {
         let mut inner = self.lock();
         let i = inner.lookup(name, Checks::DEFAULT)?;
         inner.bitmaps[i].bits.reset_all();
+        // Not needed for safety (the stored copy is a superset), but a crash would
+        // otherwise bring back every bit cleared.
+        if inner.bitmaps[i].crash_safe.is_some() {
+            self.checkpoint_wanted.store(true, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -584,6 +589,9 @@ impl NodeBitmaps {
         let bitmap = &mut inner.bitmaps[i];
         let empty = HBitmap::new(bitmap.bits.size(), bitmap.bits.granularity())?;
         let old = std::mem::replace(&mut bitmap.bits, empty);
+        if bitmap.crash_safe.is_some() {
+            self.checkpoint_wanted.store(true, Ordering::SeqCst);
+        }
         Ok(BitsBackup { id: bitmap.id, bits: old })
     }
 
