@@ -528,6 +528,22 @@ fn serve_crash_keeps_the_chain() {
     let d = Daemon::start(Kind::Serve, dir, 64);
     d.io(&["write -P 1 0 4M".into()]);
     assert_eq!(backup_json(&d, &repo, true)["kind"], "full");
+    let crash_safe = |d: &mut Daemon| {
+        d.with_qmp(|q| q.execute_ok("x-blockdelta-query-crash-safe", json!({"node": "disk0"})))
+    };
+    // The client's bitmap is crash-safe by default; one added with x-crash-safe=false
+    // is not.
+    let mut d = d;
+    d.with_qmp(|q| {
+        q.execute_ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "plain", "persistent": true, "x-crash-safe": false}),
+        )
+    });
+    assert_eq!(
+        crash_safe(&mut d),
+        json!([{"name": BITMAP, "intent-granularity": 16 * MIB, "stored": true}])
+    );
     d.io(&["write -P 2 8M 1M".into(), "write -P 3 40M 64k".into()]);
     d.kill();
     let mut d = Daemon::open(Kind::Serve, dir);

@@ -406,8 +406,8 @@ fn read_only_exports_follow_qemus_rules() {
 /// the writes made through the export recorded. After SIGKILL the bitmaps stay in use on
 /// disk: QEMU reports them inconsistent and allows only removal; blockdelta trusts its
 /// write-intent record and loads them consistent (they are crash-safe), unless another
-/// program (here qemu-storage-daemon, then qemu-io) wrote the image since: then it too
-/// reports them inconsistent.
+/// program (here qemu-storage-daemon, through its NBD export) wrote the image since:
+/// then it too reports them inconsistent.
 #[test]
 fn sigterm_stores_bitmaps_and_sigkill_leaves_them_inconsistent() {
     let export = "type=nbd,id=e0,node-name=disk0,name=disk0,writable=on";
@@ -471,15 +471,21 @@ fn sigterm_stores_bitmaps_and_sigkill_leaves_them_inconsistent() {
     // Written by other programs after the crash: the record is not trusted.
     let foreign = keep.path().join("killed-foreign.qcow2");
     std::fs::copy(&killed, &foreign).unwrap();
+    let socket = keep.path().join("foreign.sock");
     let q = builder(Kind::Qemu)
         .arg("--blockdev")
         .arg(format!("driver=file,node-name=file0,filename={}", foreign.display()))
         .arg("--blockdev")
         .arg("driver=qcow2,node-name=disk0,file=file0")
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+        .arg("--export")
+        .arg("type=nbd,id=e0,node-name=disk0,name=disk0,writable=on")
         .start()
         .unwrap();
+    let uri = format!("nbd+unix:///disk0?socket={}", socket.display());
+    qemu_io_nbd(&uri, &["write -P 9 40M 64k".into()]);
     assert!(q.quit().unwrap().success());
-    qemu_io(["-c", "write -P 9 40M 64k", foreign.to_str().unwrap()]).unwrap();
     for (kind, image) in [(Kind::Qemu, &killed), (Kind::Blockdelta, &foreign)] {
         let copy = keep.path().join(format!("killed-{kind:?}.qcow2"));
         std::fs::copy(image, &copy).unwrap();

@@ -115,9 +115,29 @@ pub(super) fn resolver(
     |name| graph.find(name).map(|n| n.bitmaps().clone())
 }
 
+/// `x-blockdelta-query-crash-safe {node}`: the node's crash-safe bitmaps, with their
+/// region size and whether their marks reach a stored copy yet (`stored`: false only
+/// between an add and the end of its command, or after a failed checkpoint).
+fn query_crash_safe(graph: &BlockGraph, args: Value) -> Result<Value, QmpError> {
+    let mut r = reader_at(args, "")?;
+    let node = r.require_str("node").map_err(generic)?;
+    finish(r)?;
+    let n = bitmap_node(graph, &node)?;
+    let list: Vec<Value> = n
+        .bitmaps()
+        .crash_safe_bitmaps()
+        .into_iter()
+        .map(|(name, region, stored)| {
+            json!({"name": name, "intent-granularity": region, "stored": stored})
+        })
+        .collect();
+    Ok(Value::Array(list))
+}
+
 /// Runs one of the bitmap commands.
 pub(super) fn execute(graph: &BlockGraph, command: &str, args: Value) -> Result<Value, QmpError> {
     match command {
+        "x-blockdelta-query-crash-safe" => return query_crash_safe(graph, args),
         "block-dirty-bitmap-add" => {
             let (node, request) = add_args(args, "")?;
             if request.name.is_empty() {

@@ -39,6 +39,7 @@ const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "x-blockdelta-query-crash-safe",
     "transaction",
     "nbd-server-start",
     "nbd-server-stop",
@@ -196,7 +197,8 @@ impl Qmp {
             | "block-dirty-bitmap-enable"
             | "block-dirty-bitmap-disable"
             | "block-dirty-bitmap-merge"
-            | "x-debug-block-dirty-bitmap-sha256" => {
+            | "x-debug-block-dirty-bitmap-sha256"
+            | "x-blockdelta-query-crash-safe" => {
                 // Removing a persistent bitmap writes the image; a hash reads every
                 // word of the bitmap.
                 crate::block::off_event_loop(|| {
