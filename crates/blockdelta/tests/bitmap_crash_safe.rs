@@ -202,3 +202,38 @@ fn a_foreign_writer_makes_the_bitmap_inconsistent() {
     let id = node.bitmaps().find("b0").unwrap();
     assert!(node.bitmaps().info(id).unwrap().inconsistent);
 }
+
+/// Removing a crash-safe bitmap frees its stored clusters, which new data may then
+/// take: no write-intent mark may reach them afterwards, even while the removal is
+/// still pending in a transaction. Every write reads back intact.
+#[test]
+fn no_mark_reaches_the_clusters_of_a_removed_bitmap() {
+    let storage = Arc::new(MemStorage::from_bytes(fresh_image()));
+    let node = open(storage, true).unwrap();
+    let add = AddBitmap {
+        name: "b0".into(),
+        granularity: Some(GRANULE),
+        persistent: true,
+        intent: IntentChoice::Region(MIB),
+        ..AddBitmap::default()
+    };
+    node.bitmaps().add(&add).unwrap();
+    node.bitmaps().checkpoint().unwrap();
+    // The L2 table exists before the removal, so the freed bitmap data cluster (the
+    // lowest freed) becomes guest data, read from disk, not a cached table.
+    node.write_blocking(&vec![9u8; GRANULE as usize], 0, false).unwrap();
+    let pending = node.bitmaps().prepare_remove("b0").unwrap();
+    assert!(node.bitmaps().crash_safe_bitmaps().is_empty(), "still marked while pending");
+    // One write per 1 MiB region, each its first: allocations reuse the freed clusters.
+    let writes: Vec<(u64, u8)> = (1..SIZE / MIB).map(|r| (r * MIB, 1 + r as u8)).collect();
+    for &(offset, pattern) in &writes {
+        node.write_blocking(&vec![pattern; GRANULE as usize], offset, false).unwrap();
+    }
+    node.bitmaps().commit_remove(pending).unwrap();
+    let mut data = vec![0u8; GRANULE as usize];
+    for &(offset, pattern) in &writes {
+        node.read_blocking(&mut data, offset).unwrap();
+        assert!(data.iter().all(|&b| b == pattern), "the write at {offset} was overwritten");
+    }
+    assert!(node.bitmaps().query().is_empty());
+}

@@ -222,9 +222,21 @@ impl IntentLog {
         }
     }
 
-    /// Whether bitmap `name` has a live stored table that marks go to.
-    pub(super) fn is_recorded(&self, name: &str) -> bool {
-        self.lock().iter().any(|t| t.spec.name == name && !t.tables.is_empty())
+    /// Runs `remove` (which deletes bitmap `name`'s stored copy and frees its clusters)
+    /// with no mark in flight, and drops the bitmap's tables before any mark can go to
+    /// the freed clusters: on success, and on failure too, since a failure after the
+    /// header switched may have freed them already.
+    pub(super) fn remove_stored(
+        &self,
+        name: &str,
+        remove: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut tracked = self.lock();
+        let result = remove();
+        for t in tracked.iter_mut().filter(|t| t.spec.name == name) {
+            t.tables.clear();
+        }
+        result
     }
 
     /// The tracked bitmaps, for queries.

@@ -277,8 +277,10 @@ impl NodeBitmaps {
         s.enabled.store(enabled, Ordering::SeqCst);
         s.readonly.store(inner.bitmaps.iter().any(|b| b.readonly), Ordering::SeqCst);
         let Some(log) = &self.intent else { return };
-        let tracked =
-            |b: &&DirtyBitmap| b.persistent && !b.inconsistent && !b.readonly && b.name.is_some();
+        // As a checkpoint stores them (`crash_safe_copies`).
+        let tracked = |b: &&DirtyBitmap| {
+            b.persistent && !b.skip_store && !b.inconsistent && !b.readonly && b.name.is_some()
+        };
         let mut same = true;
         let mut count = 0;
         for b in inner.bitmaps.iter().filter(tracked) {
@@ -537,6 +539,9 @@ impl NodeBitmaps {
     /// The transaction's remove, prepare step: checks, deletes the stored copy now, and
     /// marks the bitmap busy and not to be stored.
     pub fn prepare_remove(&self, name: &str) -> Result<RemovePending, BitmapError> {
+        // No checkpoint in between: it stores the bitmap and takes the intent log's
+        // lock inside the image's, which the removal below takes the other way round.
+        let _no_checkpoint = self.checkpoint_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut inner = self.lock();
         let i = inner.lookup(name, Checks::REMOVE)?;
         let bitmap = &mut inner.bitmaps[i];
@@ -544,9 +549,22 @@ impl NodeBitmaps {
             && !bitmap.skip_store
             && let Some(persistence) = &self.persistence
         {
-            persistence
-                .remove_stored(name)
-                .map_err(|reason| BitmapError::StoreUpdate { reason })?;
+            let remove = || persistence.remove_stored(name);
+            let removed = match &self.intent {
+                // Marks must never reach the clusters the removal frees.
+                Some(log) if bitmap.crash_safe.is_some() => log.remove_stored(name, remove),
+                _ => remove(),
+            };
+            if let Err(reason) = removed {
+                if bitmap.crash_safe.is_some() {
+                    // Its marks stopped: what is stored (if anything) no longer covers
+                    // every write, and the next checkpoint drops its record's binding.
+                    bitmap.inconsistent = true;
+                    bitmap.disabled = true;
+                    self.checkpoint_wanted.store(true, Ordering::SeqCst);
+                }
+                return Err(BitmapError::StoreUpdate { reason });
+            }
         }
         bitmap.busy = true;
         bitmap.skip_store = true;
@@ -1019,11 +1037,6 @@ impl NodeBitmaps {
             out.push((name.clone(), inner.recording(b), region, bits));
         }
         Ok(out)
-    }
-
-    /// Whether bitmap `name` is crash-safe now: its marks reach a stored table.
-    pub fn is_crash_safe(&self, name: &str) -> bool {
-        self.intent.as_ref().is_some_and(|log| log.is_recorded(name))
     }
 
     /// The crash-safe bitmaps: name, region size in bytes, and whether marks reach a
