@@ -167,6 +167,7 @@ fn killed(kind: Kind, rounds: u64) {
     let mut rng = SplitMix64(7 + kind as u64);
     let mut references: Vec<(String, PathBuf)> = Vec::new();
     let (mut interrupted, mut pending_seen) = (0, 0);
+    let mut reach = 1.5f64;
     // Kill until `rounds` clients were really interrupted (a kill after the end does not
     // count), with a bound so that a machine too fast or too slow cannot loop.
     let mut round = 0;
@@ -196,12 +197,18 @@ fn killed(kind: Kind, rounds: u64) {
         let mut child =
             bd().args(args(full)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let time = if full { full_time } else { inc_time };
-        // Up to 1.5 times the uninterrupted time: recovery of the previous kill makes runs longer.
-        let micros = rng.up_to(time.as_micros() as u64 * 3 / 2 + 1);
+        // Up to `reach` times the first uninterrupted run's time (1.5 at first: recovery
+        // of the previous kill makes runs longer). Run times vary (checkpoints, load), so
+        // a client that finished before its kill shortens the window, and one killed
+        // lengthens it again, up to 1.5: kills keep landing inside runs.
+        let micros = rng.up_to((time.as_micros() as f64 * reach) as u64 + 1);
         std::thread::sleep(Duration::from_micros(micros));
         child.kill().unwrap();
-        if !child.wait().unwrap().success() {
+        if child.wait().unwrap().success() {
+            reach *= 0.8;
+        } else {
             interrupted += 1;
+            reach = (reach * 1.1).min(1.5);
         }
         if repo.join("disk0").join(format!("{next_id}.json")).exists() {
             references.push((next_id, reference));
