@@ -11,6 +11,7 @@
 pub mod client;
 pub mod codec;
 pub mod export;
+mod phase;
 pub mod proto;
 pub mod server;
 pub mod uri;

@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::codec::{
     self, ChunkStyle, CodecError, Extent, InfoRequest, MetaContextRequest, OptionHeader, Request,
 };
 use crate::export::{Export, ExportError, Exports, ZeroFlags};
+use crate::phase::Phase;
 use crate::proto::*;
 
 /// Why a connection ended abnormally.
@@ -70,16 +71,13 @@ pub struct Server {
     connection_slots: Option<Arc<Semaphore>>,
     /// The phase of the listener this server's connections came from (`None`: a
     /// connection handed to [`serve`](Self::serve) directly, which never drains).
-    phase: Option<watch::Receiver<u8>>,
+    phase: Option<Phase>,
 }
 
-/// Waits until the listener's phase is at least `phase`. Never, without a listener; at
-/// once if the handle is gone (its drop aborts everything anyway).
-async fn reached(rx: &mut Option<watch::Receiver<u8>>, phase: u8) {
-    match rx {
-        Some(rx) => {
-            let _ = rx.wait_for(|p| *p >= phase).await;
-        }
+/// Waits until the listener's phase is at least `phase`; never, without a listener.
+async fn reached(listener: &Option<Phase>, phase: u8) {
+    match listener {
+        Some(p) => p.reached(phase).await,
         None => std::future::pending().await,
     }
 }
@@ -89,7 +87,7 @@ async fn reached(rx: &mut Option<watch::Receiver<u8>>, phase: u8) {
 #[derive(Debug)]
 pub struct ServerHandle {
     task: JoinHandle<()>,
-    phase: watch::Sender<u8>,
+    phase: Phase,
     socket: Option<PathBuf>,
     local_addr: Option<std::net::SocketAddr>,
 }
@@ -117,12 +115,12 @@ impl ServerHandle {
     /// `grace`, what is left is dropped unanswered (a client that stopped reading cannot
     /// hold the shutdown up). When this returns no connection task is left.
     pub async fn shutdown(mut self, grace: std::time::Duration) {
-        let _ = self.phase.send(DRAINING);
+        self.phase.set(DRAINING);
         if let Some(p) = &self.socket {
             let _ = std::fs::remove_file(p);
         }
         if tokio::time::timeout(grace, &mut self.task).await.is_err() {
-            let _ = self.phase.send(FORCED);
+            self.phase.set(FORCED);
             let _ = tokio::time::timeout(FORCE_WAIT, &mut self.task).await;
         }
     }
@@ -211,8 +209,8 @@ impl Server {
     /// background task.
     pub async fn listen_unix(&self, path: &Path) -> io::Result<ServerHandle> {
         let listener = bind_unix(path)?;
-        let (phase, rx) = watch::channel(RUNNING);
-        let server = Server { phase: Some(rx), ..self.clone() };
+        let phase = Phase::new(RUNNING);
+        let server = Server { phase: Some(phase.clone()), ..self.clone() };
         let task = tokio::spawn(server.accept_loop(listener));
         Ok(ServerHandle { task, phase, socket: Some(path.to_owned()), local_addr: None })
     }
@@ -221,21 +219,21 @@ impl Server {
     pub async fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<ServerHandle> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        let (phase, rx) = watch::channel(RUNNING);
-        let server = Server { phase: Some(rx), ..self.clone() };
+        let phase = Phase::new(RUNNING);
+        let server = Server { phase: Some(phase.clone()), ..self.clone() };
         let task = tokio::spawn(server.accept_loop(listener));
         Ok(ServerHandle { task, phase, socket: None, local_addr: Some(local) })
     }
 
     async fn accept_loop<L: Listener>(self, listener: L) {
         let mut conns = JoinSet::new();
-        let mut phase = self.phase.clone();
+        let phase = self.phase.clone();
         loop {
             // A slot is taken before accepting, so clients beyond the limit wait.
             let slot = match &self.connection_slots {
                 Some(slots) => tokio::select! {
                     biased;
-                    _ = reached(&mut phase, DRAINING) => break,
+                    _ = reached(&phase, DRAINING) => break,
                     slot = slots.clone().acquire_owned() => match slot {
                         Ok(slot) => Some(slot),
                         Err(_) => break,
@@ -246,7 +244,7 @@ impl Server {
             };
             tokio::select! {
                 biased;
-                _ = reached(&mut phase, DRAINING) => break,
+                _ = reached(&phase, DRAINING) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((rd, wr)) => {
                         let s = self.clone();
@@ -284,11 +282,11 @@ impl Server {
         // Buffered: a request header then takes one read call, not two; large payloads
         // bypass the buffer.
         let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
-        let mut phase = self.phase.clone();
+        let phase = self.phase.clone();
         let session = tokio::select! {
             biased;
             // A client still negotiating has sent no request: it is simply closed.
-            _ = reached(&mut phase, DRAINING) => return Ok(()),
+            _ = reached(&phase, DRAINING) => return Ok(()),
             negotiated = negotiate(&self.exports, &mut rd, &mut wr) => match negotiated? {
                 Some(session) => session,
                 None => return Ok(()),
@@ -629,7 +627,7 @@ async fn transmission<R, W>(
     session: Session,
     mut rd: R,
     mut wr: W,
-    mut phase: Option<watch::Receiver<u8>>,
+    phase: Option<Phase>,
 ) -> Result<(), ServeError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -667,12 +665,16 @@ where
     });
     let budget = Arc::new(Semaphore::new(INFLIGHT_MIB as usize));
     let mut tasks = JoinSet::new();
+    // One wait for the drain for the whole connection, not one per request (see
+    // `phase`: this is polled once or twice per request).
+    let drain = reached(&phase, DRAINING);
+    tokio::pin!(drain);
     let result = loop {
         // A shutdown stops reading at once: a request not fully received gets no reply
         // (the rest of the stream is never read, so stopping mid-request is harmless).
         let next = tokio::select! {
             biased;
-            _ = reached(&mut phase, DRAINING) => break Ok(()),
+            _ = &mut drain => break Ok(()),
             next = next_request(&mut rd, session.extended, &budget) => next,
         };
         let (req, payload, permit) = match next {
@@ -705,7 +707,7 @@ where
     tokio::select! {
         biased;
         _ = finish => {}
-        _ = reached(&mut phase, FORCED) => {
+        _ = reached(&phase, FORCED) => {
             tasks.abort_all();
             writer.abort_all();
             while tasks.join_next().await.is_some() {}
