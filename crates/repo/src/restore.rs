@@ -1,0 +1,70 @@
+//! Restoring a backup: chunks read, checked and written in parallel.
+
+use std::io;
+
+use crate::index::{self, Index};
+use crate::repository::Repository;
+use crate::{Error, Progress, Result, pool};
+
+/// Where a restored disk goes.
+pub trait RestoreTarget: Sync {
+    /// For messages: a path.
+    fn name(&self) -> String;
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes (a new sparse file needs nothing).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Chunks read from the repository and written.
+    pub data_chunks: u64,
+    /// Bytes of those.
+    pub data_bytes: u64,
+    /// Zero chunks (holes).
+    pub zero_chunks: u64,
+}
+
+/// Writes every chunk of `index` to `target`, `jobs` chunks at a time (each one read,
+/// decrypted, decompressed and checked against its name before it is written).
+pub fn restore(
+    repo: &Repository,
+    index: &Index,
+    target: &dyn RestoreTarget,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<RestoreStats> {
+    let m = &index.meta;
+    progress.start("restore", m.size);
+    let data = std::sync::atomic::AtomicU64::new(0);
+    let zero = std::sync::atomic::AtomicU64::new(0);
+    let write_err = |action: &'static str| {
+        let name = target.name();
+        move |error| Error::Io { object: name, action, error }
+    };
+    pool::for_each(jobs, index.entries.len(), |i| {
+        let id = index.entries[i];
+        let offset = i as u64 * m.chunk_size;
+        let len = index::chunk_len(m.size, m.chunk_size, i as u64);
+        if id.is_zero() {
+            target.write_zeroes(offset, len).map_err(write_err("writing zeroes"))?;
+            zero.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            let bytes = repo.read_chunk(id, len)?;
+            target.write_at(offset, &bytes).map_err(write_err("writing"))?;
+            data.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        progress.advance(len);
+        Ok(())
+    })?;
+    progress.finish();
+    let data_chunks = data.into_inner();
+    let zero_chunks = zero.into_inner();
+    let data_bytes = (0..index.entries.len() as u64)
+        .filter(|&i| !index.entries[i as usize].is_zero())
+        .map(|i| index::chunk_len(m.size, m.chunk_size, i))
+        .sum();
+    Ok(RestoreStats { data_chunks, data_bytes, zero_chunks })
+}
