@@ -53,7 +53,12 @@ fn every_command_of_the_readme_guide_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("3 backups verified, 0 problems"), "{stdout}");
+    // verify of the first repository before and after the prune, then of the vault.
+    assert!(
+        stdout.contains("3 backups and ") && stdout.contains("verified, 0 problems"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 backups and "), "{stdout}");
     for (restored, fmt, reference) in [
         ("restored-0001.raw", "raw", "at-0001.raw"),
         ("restored-0002.qcow2", "qcow2", "at-0002.raw"),
@@ -79,5 +84,7 @@ fn the_demo_passes_every_check() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("every check passed"), "{stdout}");
-    assert_eq!(stdout.matches("identical").count(), 3, "{stdout}");
+    // Three points in time, then the two kept after prune and gc.
+    assert_eq!(stdout.matches("identical").count(), 5, "{stdout}");
+    assert!(stdout.contains("deduplication"), "{stdout}");
 }

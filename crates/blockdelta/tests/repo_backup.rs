@@ -2,7 +2,7 @@
 //! servers: qemu-storage-daemon, `qemu-nbd -B` and `blockdelta serve`. Restored images
 //! are compared with copies of the disk taken at each backup's point in time
 //! (`qemu-img compare`); incrementals must read only the dirty granules; a damaged
-//! repository must be reported naming the file and left unchanged; backups killed at
+//! repository must be reported naming the object and left unchanged; backups killed at
 //! random moments must never leave a repository that `verify` rejects.
 //!
 //! Fails, never skips, when a tool is missing (`scripts/test` installs them).
@@ -231,16 +231,17 @@ fn story(kind: Kind) {
 
     let list: Value =
         serde_json::from_str(&ok(run_bd(&["list", "--repo", s(&repo), "--json"]))).unwrap();
-    let ids: Vec<_> = list.as_array().unwrap().iter().map(|b| b["id"].clone()).collect();
+    let ids: Vec<_> = list["backups"].as_array().unwrap().iter().map(|b| b["id"].clone()).collect();
     assert_eq!(ids, ["0001", "0002", "0003"]);
     ok(run_bd(&["verify", "--repo", s(&repo)]));
-    let info = qemu_img(["info", "--output=json", s(&repo.join("disk0/0003.qcow2"))]).unwrap();
-    let info: Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["backing-filename"], "0002.qcow2");
-    for b in ["0001", "0002", "0003"] {
-        let out = qemu_img(["check", s(&repo.join(format!("disk0/{b}.qcow2")))]).unwrap();
-        assert!(out.contains("No errors"), "{out}");
+    // Every backup is a complete index; an incremental stores only the chunks it
+    // changed, and never more bytes than those chunks hold.
+    let rows = list["backups"].as_array().unwrap();
+    for r in rows {
+        assert_eq!(r["size"], 200 * MIB);
+        assert!(r["new-stored-bytes"].as_u64().unwrap() <= r["new-bytes"].as_u64().unwrap() + 4096);
     }
+    assert!(rows[2]["new-chunks"].as_u64().unwrap() <= 8, "{}", rows[2]);
 
     for (at, reference) in [("0001", &s0), ("0002", &s1), ("0003", &s2)] {
         let raw = dir.join(format!("r{at}.raw"));
@@ -358,58 +359,58 @@ fn make_repo(dir: &Path) -> (PathBuf, PathBuf) {
     (image, repo)
 }
 
-/// A host offset holding guest data of `image` (from `qemu-img map`).
-fn data_offset(image: &Path) -> u64 {
-    let out = qemu_img(["map", "--output=json", s(image)]).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["data"] == true && e["depth"] == 0)
-        .and_then(|e| e["offset"].as_u64())
-        .unwrap()
+/// The name (hex) of the chunk that holds the disk's first MiB in `repo`: the chunk
+/// whose bytes are that MiB (pattern 1 over 0..1M, 3 over 1M..1M+64k... the first
+/// chunk of the default 1 MiB is all pattern 1).
+fn chunk_of_first_mib(repo: &Path) -> String {
+    use sha2::Digest;
+    let name = repo::key::hex(&sha2::Sha256::digest(vec![1u8; MIB as usize]));
+    assert!(repo.join(format!("chunks/{}/{name}", &name[..2])).exists(), "no chunk {name}");
+    name
 }
 
 #[test]
 fn broken_repositories_are_reported_and_left_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
     let (image, repo) = make_repo(tmp.path());
-    let d = repo.join("disk0");
-    type Damage = (&'static str, &'static str, fn(&Path));
-    let cases: [Damage; 6] = [
-        ("missing parent", "0001", |d| std::fs::remove_file(d.join("0001.qcow2")).unwrap()),
-        ("missing parent manifest", "0002.json", |d| {
-            std::fs::remove_file(d.join("0001.json")).unwrap()
+    // The chunk holding the first MiB of the disk, which both backups name.
+    let first_chunk = chunk_of_first_mib(&repo);
+    let first_chunk_key = format!("chunks/{}/{first_chunk}", &first_chunk[..2]);
+    type Damage = (&'static str, &'static str, bool, fn(&Path, &str));
+    // (case, what stderr names, whether an incremental backup must fail too, damage)
+    let cases: [Damage; 5] = [
+        ("missing chunk", "missing", false, |r, c| std::fs::remove_file(r.join(c)).unwrap()),
+        ("damaged chunk", "corrupt", false, |r, c| {
+            let p = r.join(c);
+            let len = std::fs::metadata(&p).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.write_all_at(b"\xee", len - 1).unwrap();
         }),
-        ("wrong size", "0002.qcow2", |d| {
-            // The header's virtual size field (bytes 24..32) grows by 64 MiB.
-            let f = std::fs::OpenOptions::new().write(true).open(d.join("0002.qcow2")).unwrap();
-            f.write_all_at(&(194 * MIB).to_be_bytes(), 24).unwrap();
-        }),
-        ("truncated image", "0001.qcow2", |d| {
-            let f = std::fs::OpenOptions::new().write(true).open(d.join("0001.qcow2")).unwrap();
+        ("truncated index", "backups/disk0/0002.idx", true, |r, _| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(r.join("backups/disk0/0002.idx"))
+                .unwrap();
             let len = f.metadata().unwrap().len();
             f.set_len(len / 2).unwrap();
         }),
-        ("corrupted manifest", "0002.json", |d| {
-            let p = d.join("0002.json");
-            let mut b = std::fs::read(&p).unwrap();
-            b.truncate(b.len() / 2);
-            std::fs::write(&p, b).unwrap();
+        ("damaged index metadata", "backups/disk0/0002.idx", true, |r, _| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(r.join("backups/disk0/0002.idx"))
+                .unwrap();
+            f.write_all_at(b"X", 40).unwrap();
         }),
-        ("checksum mismatch", "0001.qcow2", |d| {
-            let p = d.join("0001.qcow2");
-            let off = data_offset(&p);
-            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-            f.write_all_at(b"\xee", off + 4096).unwrap();
+        ("missing config", "not a blockdelta repository", true, |r, _| {
+            std::fs::remove_file(r.join("config")).unwrap()
         }),
     ];
     let pristine = tmp.path().join("pristine");
     Command::new("cp").args(["-a", s(&repo), s(&pristine)]).status().unwrap();
-    for (name, file, damage) in cases {
+    for (name, file, backup_fails, damage) in cases {
         std::fs::remove_dir_all(&repo).unwrap();
         Command::new("cp").args(["-a", s(&pristine), s(&repo)]).status().unwrap();
-        damage(&d);
+        damage(&repo, &first_chunk_key);
         let before = snapshot(&repo);
         let restored = tmp.path().join("restored.raw");
         let r = serve(Kind::Qsd, tmp.path(), &image, Some("b0"));
@@ -435,10 +436,10 @@ fn broken_repositories_are_reported_and_left_unchanged() {
             ],
         ];
         for args in attempts {
-            // A backup checks its parent's files, links and sizes, not its data: reading
-            // the whole chain would defeat incrementals. Damaged data is for verify and
-            // restore to find.
-            if name == "checksum mismatch" && args[0] == "backup" {
+            // A backup reads its parent's index, and only the parent's chunks it
+            // completes: checking every chunk would defeat incrementals. Damaged chunks
+            // are for verify and restore to find.
+            if !backup_fails && args[0] == "backup" {
                 continue;
             }
             let out = bd().args(&args).output().unwrap();
@@ -511,11 +512,12 @@ fn killed_backups_never_leave_a_repository_verify_rejects() {
     // The repository still takes backups, and the newest restores to the disk.
     ok(bd().args(args(false)).output().unwrap());
     ok(run_bd(&["verify", "--repo", s(&repo)]));
-    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!names.iter().any(|n| n.starts_with(".tmp-")), "leftovers: {names:?}");
+    // Killed backups leave registrations and unreferenced chunks; gc removes them.
+    let gc: Value =
+        serde_json::from_str(&ok(run_bd(&["gc", "--repo", s(&repo), "--json"]))).unwrap();
+    assert_eq!(gc["missing"], 0, "{gc}");
+    assert!(std::fs::read_dir(repo.join("writers")).map(|d| d.count()).unwrap_or(0) == 0, "{gc}");
+    ok(run_bd(&["verify", "--repo", s(&repo)]));
     let raw = dir.join("final.raw");
     ok(run_bd(&["restore", "--repo", s(&repo), "--disk", "disk0", "--to", s(&raw), "-q"]));
     drop(r);

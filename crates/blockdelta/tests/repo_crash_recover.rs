@@ -80,6 +80,24 @@ struct State {
     list: String,
 }
 
+/// Every object of the repository (not its locks, temporaries or scratch images) with
+/// its contents, by path relative to the repository.
+fn objects(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if e.path().is_dir() {
+            objects(root, &e.path(), out);
+        } else {
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            out.insert(rel, std::fs::read(e.path()).unwrap());
+        }
+    }
+}
+
 fn state(d: &mut Daemon, repo: &Path) -> State {
     let bitmaps = d.bitmap_records();
     let (jobs, nodes) = d.with_qmp(|q| {
@@ -96,11 +114,7 @@ fn state(d: &mut Daemon, repo: &Path) -> State {
         .collect();
     names.sort();
     let mut files = BTreeMap::new();
-    for e in std::fs::read_dir(repo.join("disk0")).unwrap() {
-        let e = e.unwrap();
-        files
-            .insert(e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap());
-    }
+    objects(repo, repo, &mut files);
     let list = ok(bd().args(["list", "--repo", s(repo), "--json"]).output().unwrap());
     State { bitmaps, jobs, nodes: names, files, list }
 }
@@ -254,7 +268,7 @@ fn killed_full_after_crash(kind: Kind, full_next: bool) {
     child.kill().unwrap();
     assert!(!child.wait().unwrap().success());
     drop(spare);
-    assert!(!repo.join("disk0/0002.json").exists(), "{seen:?}");
+    assert!(!repo.join("backups/disk0/0002.idx").exists(), "{seen:?}");
 
     if !full_next {
         refused_after_killed_full(kind, &mut d, &repo);
@@ -272,11 +286,9 @@ fn killed_full_after_crash(kind: Kind, full_next: bool) {
     for id in ["0001", "0002", "0003"] {
         restore_and_compare(&repo, id, &dir.join(format!("ref-{id}.qcow2")), dir);
     }
-    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!names.iter().any(|n| n.starts_with(".tmp-")), "leftovers: {names:?}");
+    let scratch: Vec<_> =
+        std::fs::read_dir(repo.join(".push")).map(|d| d.collect()).unwrap_or_default();
+    assert!(scratch.is_empty(), "leftovers: {scratch:?}");
 }
 
 /// After the killed full backup: an incremental is refused, says why, and leaves no

@@ -12,7 +12,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testkit::SplitMix64;
-use testkit::qemu_img;
 use testkit::serde_json::{self, Value, json};
 
 mod common_push;
@@ -57,10 +56,7 @@ fn story(kind: Kind) {
     for (id, r) in [("0001", "ref1"), ("0002", "ref2"), ("0003", "ref3")] {
         restore_and_compare(&repo, id, &dir.join(format!("{r}.qcow2")), dir);
     }
-    for id in ["0001", "0002", "0003"] {
-        let img = repo.join("disk0").join(format!("{id}.qcow2"));
-        qemu_img(["check", "-q", s(&img)]).unwrap();
-    }
+    assert!(scratch_images(&repo).is_empty(), "{:?}", scratch_images(&repo));
     // A second full backup starts a new chain and clears b0 at its point in time.
     d.io(&["write -P 8 50M 1M".into()]);
     let full2 = push(&d, &repo, true);
@@ -117,11 +113,8 @@ fn refusals_leave_daemon_and_repository_unchanged() {
     });
     let out = bd().args(base).output().unwrap();
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!names.iter().any(|n| n.starts_with(".tmp-") || n.starts_with("0002")), "{names:?}");
+    assert!(scratch_images(&repo).is_empty(), "{:?}", scratch_images(&repo));
+    assert!(!repo.join("backups/disk0/0002.idx").exists());
     let nodes = d.with_qmp(|q| q.execute_ok("query-named-block-nodes", Value::Null));
     assert!(!nodes.to_string().contains("bdt-"), "{nodes}");
     assert_eq!(d.bitmaps(), vec!["blockdelta"]);
@@ -184,12 +177,9 @@ fn killed(kind: Kind, rounds: u64) {
         d.reference(&reference);
         let next_id = format!(
             "{:04}",
-            std::fs::read_dir(repo.join("disk0"))
+            std::fs::read_dir(repo.join("backups/disk0"))
                 .unwrap()
-                .filter(|e| {
-                    let n = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
-                    n.ends_with(".json") && !n.starts_with('.')
-                })
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".idx"))
                 .count()
                 + 1
         );
@@ -210,7 +200,7 @@ fn killed(kind: Kind, rounds: u64) {
             interrupted += 1;
             reach = (reach * 1.1).min(1.5);
         }
-        if repo.join("disk0").join(format!("{next_id}.json")).exists() {
+        if repo.join("backups/disk0").join(format!("{next_id}.idx")).exists() {
             references.push((next_id, reference));
         }
         if d.bitmaps().iter().any(|b| b.starts_with("blockdelta-pending/")) {
@@ -255,11 +245,16 @@ fn killed(kind: Kind, rounds: u64) {
     });
     assert_eq!(jobs, json!([]));
     assert!(!nodes.to_string().contains("bdt-"), "{nodes}");
-    let names: Vec<String> = std::fs::read_dir(repo.join("disk0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!names.iter().any(|n| n.starts_with(".tmp-")), "leftovers: {names:?}");
+    // The last backup removed the scratch images killed clients left.
+    assert!(scratch_images(&repo).is_empty(), "{:?}", scratch_images(&repo));
+}
+
+/// The push scratch images in the repository's default scratch directory.
+fn scratch_images(repo: &std::path::Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(repo.join(".push")) {
+        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 #[test]

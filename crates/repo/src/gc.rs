@@ -4,10 +4,10 @@
 //!
 //! A collection, holding the `gc` lock:
 //!
-//! 1. takes the time `T0`;
+//! 1. creates a marker object `gc/ID`; its modification time is `T0`;
 //! 2. lists `writers/`: a registration whose `writer-ID` lock it can take belongs to a
-//!    dead process and is removed; the others are live backups, each with the instant
-//!    it started at;
+//!    dead process and is removed; the others are live backups, each started at its
+//!    registration object's modification time;
 //! 3. sets `cutoff = min(T0, starts of live backups) - grace`;
 //! 4. reads every index and marks the chunks they name;
 //! 5. for each chunk that is unmarked and older than `cutoff`, under the exclusive lock
@@ -28,9 +28,13 @@
 //!   are covered by the same argument, one backup earlier (by induction on the order
 //!   indexes were committed in).
 //!
-//! The grace period covers clocks that differ between the machines that write to one
-//! repository and the coarse modification times of some file systems; on one machine
-//! the protocol above needs none.
+//! Every time compared is a modification time that the storage itself set (the marker's,
+//! the registrations', the chunks'), never a clock reading of this process: a file
+//! system stamps files with a coarse clock that can lag the fine one by milliseconds, so
+//! a chunk created just after `SystemTime::now()` could look older than it. (The first
+//! version compared with `SystemTime::now()`, and the concurrent test caught a chunk
+//! deleted that way.) The grace period covers clocks that differ between machines
+//! writing to one repository; on one machine the protocol needs none.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -38,7 +42,6 @@ use std::time::{Duration, SystemTime};
 use crate::backend::{LockMode, LockWait};
 use crate::chunk::ChunkId;
 use crate::repository::{Repository, shard_lock};
-use crate::writer::Registration;
 use crate::{Error, Progress, Result};
 
 /// How old a temporary must be before a collection removes it.
@@ -89,13 +92,43 @@ pub fn gc(repo: &Repository, options: &GcOptions, progress: &dyn Progress) -> Re
     let _gc = backend.lock("gc", LockMode::Exclusive, LockWait::Fail)?.ok_or_else(|| {
         Error::Busy { what: "garbage collection".into(), holder: "another gc is running".into() }
     })?;
-    let t0 = SystemTime::now();
     let mut report = GcReport::default();
-    let oldest_writer = live_writers(repo, options.dry_run, &mut report)?;
+    remove_markers(repo)?;
+    let mut id = [0u8; 16];
+    crate::key::random(&mut id)?;
+    let marker = format!("gc/{}", crate::key::hex(&id));
+    backend.create(&marker, b"")?;
+    let t0 = backend
+        .stat(&marker)?
+        .map(|o| o.modified)
+        .ok_or_else(|| Error::Missing { object: marker.clone() })?;
+    let result = collect(repo, options, progress, t0, &mut report);
+    let _ = backend.delete(&marker);
+    result.map(|()| report)
+}
+
+/// A collection's markers left by one that was killed (under the `gc` lock, none is live).
+fn remove_markers(repo: &Repository) -> Result<()> {
+    for o in repo.backend().list("gc")? {
+        repo.backend().delete(&o.key)?;
+    }
+    Ok(())
+}
+
+/// Steps 2 to 5, with `t0` the marker's time.
+fn collect(
+    repo: &Repository,
+    options: &GcOptions,
+    progress: &dyn Progress,
+    t0: SystemTime,
+    report: &mut GcReport,
+) -> Result<()> {
+    let backend = repo.backend();
+    let oldest_writer = live_writers(repo, options.dry_run, report)?;
     let start = oldest_writer.map_or(t0, |w| w.min(t0));
     let cutoff = start.checked_sub(options.grace).unwrap_or(SystemTime::UNIX_EPOCH);
 
-    let marked = mark(repo, &mut report, progress)?;
+    let marked = mark(repo, report, progress)?;
     let mut candidates: BTreeMap<String, Vec<(ChunkId, u64)>> = BTreeMap::new();
     let listed = backend.list("chunks")?;
     report.chunks = listed.len() as u64;
@@ -114,7 +147,7 @@ pub fn gc(repo: &Repository, options: &GcOptions, progress: &dyn Progress) -> Re
     }
     report.missing = marked.iter().filter(|id| !present.contains(id)).count() as u64;
     drop(present);
-    sweep(repo, candidates, cutoff, options.dry_run, &mut report)?;
+    sweep(repo, candidates, cutoff, options.dry_run, report)?;
     if !options.dry_run {
         backend.sync()?;
         // A temporary is younger than the object being written through it, which no
@@ -124,7 +157,7 @@ pub fn gc(repo: &Repository, options: &GcOptions, progress: &dyn Progress) -> Re
             t0.checked_sub(options.grace.max(LEFTOVER_AGE)).unwrap_or(SystemTime::UNIX_EPOCH);
         backend.remove_leftovers(leftovers)?;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Step 2: the start of the oldest live backup; dead registrations removed.
@@ -137,26 +170,20 @@ fn live_writers(
     let mut oldest: Option<SystemTime> = None;
     for o in backend.list("writers")? {
         let Some(name) = o.key.strip_prefix("writers/") else { continue };
-        let lock = backend.lock(&format!("writer-{name}"), LockMode::Exclusive, LockWait::Fail)?;
+        let lock_name = format!("writer-{name}");
+        let lock = backend.lock(&lock_name, LockMode::Exclusive, LockWait::Fail)?;
         if lock.is_some() {
             report.stale_writers += 1;
             if !dry_run {
                 backend.delete(&o.key)?;
+                backend.remove_lock(&lock_name)?;
             }
             continue;
         }
         report.live_writers += 1;
-        let started = match backend.read(&o.key, 4096) {
-            Ok(bytes) => serde_json::from_slice::<Registration>(&bytes)
-                .ok()
-                .map(|r| SystemTime::UNIX_EPOCH + Duration::from_secs(r.started.max(0) as u64)),
-            // Gone meanwhile: that backup ended.
-            Err(Error::Missing { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        // An unreadable registration: assume it started at the epoch (keeps everything
-        // recent... and old) rather than guess.
-        let started = started.unwrap_or(SystemTime::UNIX_EPOCH).min(o.modified);
+        // The registration's own time (set by the storage, like every chunk's), not
+        // the time it records.
+        let started = o.modified;
         oldest = Some(oldest.map_or(started, |t| t.min(started)));
     }
     Ok(oldest)

@@ -17,12 +17,14 @@
 //! - [`chunk`]: chunk names and the chunk object format;
 //! - [`index`]: the index object format;
 //! - [`repository`]: opening and creating a repository, reading chunks and indexes;
-//! - [`writer`]: taking a backup (locks, new chunks, the index committed last);
+//! - [`writer`]: taking a backup (locks, new chunks, the index committed last), and
+//!   [`assemble`]: its chunks built from the ranges read and their parent's chunks;
 //! - [`restore`], [`verify`], [`prune`], [`gc`]: what is done with backups.
 //!
 //! `docs/REPOSITORY.md` gives the on-disk format byte by byte and the crash-safety
 //! argument of every update.
 
+pub mod assemble;
 pub mod backend;
 pub mod chunk;
 pub mod gc;

@@ -104,6 +104,49 @@ pub struct Backup {
     pub index_bytes: u64,
 }
 
+/// What a repository holds, in sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Backups (readable indexes).
+    pub backups: u64,
+    /// Bytes of the non-zero chunks of every backup, counted once per backup: what the
+    /// backups would take stored whole, without zero chunks.
+    pub logical_bytes: u64,
+    /// Distinct chunks the backups name.
+    pub chunks: u64,
+    /// Their bytes, uncompressed.
+    pub unique_bytes: u64,
+    /// Chunk objects in the repository (named or not) and their stored bytes.
+    pub chunk_objects: u64,
+    /// Stored bytes of the chunk objects.
+    pub stored_chunk_bytes: u64,
+    /// Stored bytes of the indexes.
+    pub index_bytes: u64,
+}
+
+impl Stats {
+    /// Logical bytes per unique byte (1 without any sharing).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.unique_bytes == 0 {
+            1.0
+        } else {
+            self.logical_bytes as f64 / self.unique_bytes as f64
+        }
+    }
+    /// Unique bytes per stored chunk byte (1 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.stored_chunk_bytes == 0 {
+            1.0
+        } else {
+            self.unique_bytes as f64 / self.stored_chunk_bytes as f64
+        }
+    }
+    /// Everything stored: chunks and indexes.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_chunk_bytes + self.index_bytes
+    }
+}
+
 /// The outcome of storing one chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -113,6 +156,13 @@ pub enum Stored {
     Existed,
     /// Stored anew, this many bytes.
     New(u64),
+}
+
+/// The lock of one disk ([`Repository::lock_disk`]); released when dropped.
+#[derive(Debug)]
+pub struct DiskLock {
+    pub(crate) disk: String,
+    _guard: Box<dyn LockGuard>,
 }
 
 /// An index object as listed.
@@ -232,6 +282,14 @@ impl Repository {
     /// none yet (a first backup creates its repository).
     pub fn open_or_create(backend: Arc<dyn Backend>, options: CreateOptions) -> Result<Repository> {
         if backend.stat(CONFIG_KEY)?.is_none() {
+            // Objects without a configuration: a damaged repository, or something else
+            // entirely; either way not a place to make a new one.
+            if !backend.list("")?.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{}: not a blockdelta repository (no config), and not empty",
+                    backend.location()
+                )));
+            }
             match Repository::create(backend.clone(), options.clone()) {
                 Ok(r) => return Ok(r),
                 // Created by someone else meanwhile: open theirs.
@@ -277,13 +335,18 @@ impl Repository {
         Ok(format!("backups/{}/{}.idx", self.disk_dir(disk)?, format_id(id)))
     }
 
-    /// Takes the lock of `disk` (a backup, prune or forget of it), or says who has it.
-    pub(crate) fn lock_disk(&self, disk: &str) -> Result<Box<dyn LockGuard>> {
+    /// Takes the lock of `disk` (held by a backup, prune or forget of it), or fails at
+    /// once with [`Error::Busy`].
+    pub fn lock_disk(&self, disk: &str) -> Result<DiskLock> {
         let name = format!("disk-{}", self.disk_dir(disk)?);
-        self.backend.lock(&name, LockMode::Exclusive, LockWait::Fail)?.ok_or_else(|| Error::Busy {
-            what: format!("disk '{disk}'"),
-            holder: "another backup, prune or forget of it is running".into(),
-        })
+        let guard =
+            self.backend.lock(&name, LockMode::Exclusive, LockWait::Fail)?.ok_or_else(|| {
+                Error::Busy {
+                    what: format!("disk '{disk}'"),
+                    holder: "another backup, prune or forget of it is running".into(),
+                }
+            })?;
+        Ok(DiskLock { disk: disk.to_owned(), _guard: guard })
     }
 
     /// Every index object, grouped by disk directory, ids ascending. Objects under
@@ -433,6 +496,35 @@ impl Repository {
             Created::New => (id, Stored::New(stored)),
             Created::Existed => (id, Stored::Existed),
         })
+    }
+
+    /// Totals of the whole repository; reads every index (an index that cannot be read is
+    /// an error).
+    pub fn stats(&self) -> Result<Stats> {
+        let mut st = Stats::default();
+        let mut seen = std::collections::HashSet::new();
+        for o in self.index_keys()?.values().flatten() {
+            let index = self.read_index_key(&o.key)?;
+            let m = &index.meta;
+            st.backups += 1;
+            st.index_bytes += o.size;
+            for (i, id) in index.entries.iter().enumerate() {
+                if id.is_zero() {
+                    continue;
+                }
+                let len = index::chunk_len(m.size, m.chunk_size, i as u64);
+                st.logical_bytes += len;
+                if seen.insert(*id) {
+                    st.chunks += 1;
+                    st.unique_bytes += len;
+                }
+            }
+        }
+        for o in self.backend.list("chunks")? {
+            st.chunk_objects += 1;
+            st.stored_chunk_bytes += o.size;
+        }
+        Ok(st)
     }
 
     /// Drops backup `id` of `disk` (its chunks stay until a garbage collection).

@@ -24,7 +24,7 @@ use crate::backend::{Created, LockGuard, LockMode, LockWait};
 use crate::chunk::ChunkId;
 use crate::index::{self, BackupKind, Index, IndexMeta};
 use crate::key::{hex, random};
-use crate::repository::{Backup, Repository, Stored, format_id};
+use crate::repository::{Backup, DiskLock, Repository, Stored, format_id};
 use crate::{Error, Result, Timestamp};
 
 /// What kind of backup, and from what.
@@ -71,6 +71,7 @@ pub(crate) struct Registration {
 struct Registered<'r> {
     repo: &'r Repository,
     key: String,
+    lock_name: String,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -81,22 +82,25 @@ impl<'r> Registered<'r> {
         let name = hex(&name);
         // The lock first: a collector that sees the object and can take its lock
         // treats it as stale.
+        let lock_name = format!("writer-{name}");
         let lock = repo
             .backend()
-            .lock(&format!("writer-{name}"), LockMode::Exclusive, LockWait::Fail)?
+            .lock(&lock_name, LockMode::Exclusive, LockWait::Fail)?
             .ok_or_else(|| Error::Invalid("a new writer lock is held by someone".into()))?;
         let reg = Registration { started: crate::time::now().0, pid: std::process::id() };
         let json = serde_json::to_vec(&reg).map_err(|e| Error::Invalid(e.to_string()))?;
         let key = format!("writers/{name}");
         repo.backend().create(&key, &json)?;
-        Ok(Registered { repo, key, _lock: lock })
+        Ok(Registered { repo, key, lock_name, _lock: lock })
     }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         // Best effort: a leftover registration whose lock is free is removed by gc.
+        // The object goes first: a collector that finds it then finds the lock held.
         let _ = self.repo.backend().delete(&self.key);
+        let _ = self.repo.backend().remove_lock(&self.lock_name);
     }
 }
 
@@ -119,7 +123,7 @@ pub struct BackupWriter<'r> {
     entries: Mutex<Vec<ChunkId>>,
     counters: Counters,
     _registered: Registered<'r>,
-    _disk_lock: Box<dyn LockGuard>,
+    _disk_lock: DiskLock,
 }
 
 impl std::fmt::Debug for BackupWriter<'_> {
@@ -132,7 +136,23 @@ impl Repository {
     /// Starts a backup of `plan.disk`: takes the disk's lock, registers the writer, and
     /// for an incremental loads the parent's index (which must have the same size).
     pub fn begin_backup(&self, plan: BackupPlan) -> Result<BackupWriter<'_>> {
-        let disk_lock = self.lock_disk(&plan.disk)?;
+        let lock = self.lock_disk(&plan.disk)?;
+        self.begin_backup_locked(plan, lock)
+    }
+
+    /// [`begin_backup`](Repository::begin_backup) with the disk's lock already taken
+    /// (by a caller that had work to do under it first).
+    pub fn begin_backup_locked(
+        &self,
+        plan: BackupPlan,
+        disk_lock: DiskLock,
+    ) -> Result<BackupWriter<'_>> {
+        if disk_lock.disk != plan.disk {
+            return Err(Error::Invalid(format!(
+                "the lock of disk '{}' does not cover disk '{}'",
+                disk_lock.disk, plan.disk
+            )));
+        }
         let chunk_size = self.config().chunk_size;
         index::check_geometry(plan.size, chunk_size)?;
         let existing = self.backups(&plan.disk)?;
@@ -191,6 +211,11 @@ impl BackupWriter<'_> {
     /// The number the backup will have.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.plan.size
     }
 
     /// Bytes per chunk.

@@ -7,6 +7,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use repo::assemble::ingest;
 use repo::backend::{Backend, CutMode, LocalBackend, MemoryBackend};
 use repo::chunk::ChunkId;
 use repo::gc::{GcOptions, gc};
@@ -498,4 +499,72 @@ fn concurrent_backups_and_gc_lose_nothing() {
     }
     gc(&repo, &GcOptions::default(), &NoProgress).unwrap();
     assert!(verify(&repo, &[], 2, &NoProgress).unwrap().ok());
+}
+
+/// The byte ranges given as pieces of at most `piece` bytes, last first.
+fn pieces_of(disk: &Disk, ranges: &[(u64, u64)], piece: u64) -> Vec<repo::Result<(u64, Vec<u8>)>> {
+    let mut v = Vec::new();
+    for &(off, len) in ranges {
+        let mut at = off;
+        while at < off + len {
+            let n = piece.min(off + len - at);
+            v.push(Ok((at, disk.0[at as usize..(at + n) as usize].to_vec())));
+            at += n;
+        }
+    }
+    v.reverse();
+    v
+}
+
+#[test]
+fn ingest_builds_chunks_from_pieces_in_any_order() {
+    let backend = Arc::new(MemoryBackend::new());
+    let repo = Repository::create(backend.clone(), options(None)).unwrap();
+    let d1 = Disk::new(12, 7);
+    // A full backup of the allocated chunks only (every fourth is zero).
+    let allocated: Vec<(u64, u64)> =
+        (0..12u64).filter(|c| c % 4 != 1).map(|c| (c * CHUNK, CHUNK)).collect();
+    let w = repo.begin_backup(plan_of_size("d", d1.0.len() as u64, Basis::Full)).unwrap();
+    ingest(&w, &allocated, pieces_of(&d1, &allocated, 5000), 3).unwrap();
+    let one = w.commit().unwrap().meta.id;
+    assert_eq!(restored(&repo, "d", one), d1.0);
+    // An incremental: ranges across chunk ends, one whole chunk, one in a zero chunk.
+    let mut d2 = d1.clone();
+    let dirty = [(CHUNK - 100, 300), (CHUNK * 3, CHUNK), (CHUNK * 5 + 7, 9), (CHUNK * 11 + 1, 50)];
+    for &(at, len) in &dirty {
+        d2.write(at as usize, len as usize, at);
+    }
+    let w = repo
+        .begin_backup(plan_of_size("d", d2.0.len() as u64, Basis::Incremental { parent: one }))
+        .unwrap();
+    ingest(&w, &dirty, pieces_of(&d2, &dirty, 64), 2).unwrap();
+    let two = w.commit().unwrap().meta;
+    assert_eq!(restored(&repo, "d", two.id), d2.0);
+    assert_eq!(restored(&repo, "d", one), d1.0);
+    assert_eq!(two.new_chunks, 5, "chunks 0, 1, 3, 5 and 11");
+
+    // Bad input is refused, and a failing store stops the ingest without hanging.
+    let w = repo
+        .begin_backup(plan_of_size("d", d2.0.len() as u64, Basis::Incremental { parent: one }))
+        .unwrap();
+    assert!(ingest(&w, &[(0, 10), (5, 10)], pieces_of(&d2, &[(0, 15)], 64), 1).is_err(), "overlap");
+    assert!(
+        ingest(&w, &[(0, 10)], pieces_of(&d2, &[(0, 20)], 64), 1).is_err(),
+        "unannounced bytes"
+    );
+    assert!(
+        ingest(&w, &[(0, 10), (CHUNK, 10)], pieces_of(&d2, &[(0, 10)], 64), 1).is_err(),
+        "missing"
+    );
+    assert!(ingest(&w, &[(d2.0.len() as u64 - 5, 10)], Vec::new(), 1).is_err(), "past the end");
+    drop(w);
+    let w = repo.begin_backup(plan_of_size("d", d2.0.len() as u64, Basis::Full)).unwrap();
+    backend.cut_after(3);
+    let all = [(0, d2.0.len() as u64)];
+    let err = ingest(&w, &all, pieces_of(&d2, &all, CHUNK / 2), 2).unwrap_err();
+    assert!(err.to_string().contains("power"), "{err}");
+}
+
+fn plan_of_size(disk: &str, size: u64, basis: Basis) -> BackupPlan {
+    BackupPlan { size, basis, ..plan_of(disk) }
 }

@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockdelta::repo::Repository;
 use blockdelta::repo::pull::{PullOptions, pull_backup};
 use blockdelta::repo::push::{PushOptions, push_backup};
+use repo::format_id;
 use serde_json::json;
 
 use super::progress::{Bar, human_bytes};
+use super::repo_args::RepoArgs;
 
 /// The arguments of `blockdelta backup`.
 #[derive(Debug, clap::Args)]
@@ -35,9 +36,9 @@ pub struct BackupArgs {
     /// clears it, an incremental copies its bits, and it then tracks the next one.
     #[arg(long, value_name = "NAME")]
     bitmap: Option<String>,
-    /// The repository directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    repo: PathBuf,
+    /// The repository (created if missing; encrypted when a key file is given).
+    #[command(flatten)]
+    repo: RepoArgs,
     /// The disk's name in the repository (default: the export name, or the node name).
     #[arg(long, value_name = "NAME")]
     disk: Option<String>,
@@ -47,6 +48,13 @@ pub struct BackupArgs {
     /// Push mode: the backup job's speed limit in bytes per second (0: unlimited).
     #[arg(long, value_name = "BYTES", requires = "qmp", default_value_t = 0)]
     speed: u64,
+    /// Threads storing chunks (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Push mode: where the daemon writes the backup image before it is stored
+    /// (default: DIR/.push of the repository; the daemon must be able to write there).
+    #[arg(long, value_name = "DIR", requires = "qmp")]
+    scratch: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -57,48 +65,55 @@ pub struct BackupArgs {
 
 /// Runs `blockdelta backup`.
 pub fn run(args: &BackupArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repository::open_or_create(&args.repo)?;
+    let repo = args.repo.open_or_create()?;
     let bar = Bar::new(args.quiet || args.json);
+    let jobs = args.jobs.unwrap_or_else(repo::pool::default_jobs).max(1);
     let (backup, removed, extra, seconds) = match (&args.from, &args.qmp, &args.node) {
         (Some(from), _, _) => {
             let mut opts = PullOptions::new(from.clone());
             opts.bitmap = args.bitmap.clone();
             opts.disk = args.disk.clone();
             opts.full = args.full;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let r = rt.block_on(pull_backup(&repo, &opts, &bar))?;
+            opts.jobs = jobs;
+            let r = pull_backup(&repo, &opts, &bar)?;
             let extra = json!({"extents": r.extents, "requests": r.requests});
             let text = format!(" in {} extents", r.extents);
-            (r.backup, r.removed, (extra, text, Vec::new()), r.elapsed)
+            (r.backup, Vec::new(), (extra, text, Vec::new()), r.elapsed)
         }
         (None, Some(qmp), Some(node)) => {
-            let mut opts = PushOptions::new(qmp.clone(), node.clone());
+            let scratch = args.scratch.clone().unwrap_or_else(|| args.repo.repo.join(".push"));
+            let mut opts = PushOptions::new(qmp.clone(), node.clone(), scratch);
             opts.speed = args.speed;
             opts.bitmap = args.bitmap.clone();
             opts.disk = args.disk.clone();
             opts.full = args.full;
+            opts.jobs = jobs;
             let r = push_backup(&repo, &opts, &bar)?;
             let extra = json!({"job-seconds": r.job_time.as_secs_f64(), "recovered": r.recovered});
             (r.backup, r.removed, (extra, String::new(), r.recovered), r.elapsed)
         }
         _ => anyhow::bail!("give --from URI (pull mode) or --qmp SOCKET --node NODE (push mode)"),
     };
-    let m = &backup.manifest;
+    let m = &backup.meta;
     if args.json {
         let mut v = json!({
-            "id": m.id,
+            "id": format_id(m.id),
             "disk": m.disk,
             "kind": m.kind,
-            "parent": m.parent,
+            "parent": m.parent.map(format_id),
             "bitmap": m.bitmap,
             "time": m.time,
             "source": m.source,
-            "virtual-size": m.virtual_size,
+            "virtual-size": m.size,
+            "chunk-size": m.chunk_size,
             "bytes-read": m.bytes_read,
-            "bytes-copied": m.bytes_copied,
-            "image": backup.image_path,
-            "image-bytes": m.image_bytes,
-            "manifest": backup.manifest_path,
+            // The bytes taken from the source into the backup (what older releases
+            // called the data copied into the backup image): the same as bytes-read.
+            "bytes-copied": m.bytes_read,
+            "new-bytes": m.new_bytes,
+            "new-stored-bytes": m.new_stored_bytes,
+            "new-chunks": m.new_chunks,
+            "index-bytes": backup.index_bytes,
             "removed-leftovers": removed,
             "seconds": seconds.as_secs_f64(),
         });
@@ -114,15 +129,16 @@ pub fn run(args: &BackupArgs) -> anyhow::Result<ExitCode> {
             eprintln!("removed leftover of an interrupted backup: {}", p.display());
         }
         println!(
-            "backup {} of disk '{}' ({:?}{}): read {}{}, copied {}, image {}, {:.2} s",
-            m.id,
+            "backup {} of disk '{}' ({:?}{}): read {}{}; {} new chunks, {} ({} stored), {:.2} s",
+            format_id(m.id),
             m.disk,
             m.kind,
-            m.parent.as_deref().map(|p| format!(", parent {p}")).unwrap_or_default(),
+            m.parent.map(|p| format!(", parent {}", format_id(p))).unwrap_or_default(),
             human_bytes(m.bytes_read),
             extra.1,
-            human_bytes(m.bytes_copied),
-            human_bytes(m.image_bytes),
+            m.new_chunks,
+            human_bytes(m.new_bytes),
+            human_bytes(m.new_stored_bytes),
             seconds.as_secs_f64()
         );
     }

@@ -5,11 +5,13 @@
 //! more, takes a pull-mode incremental (a bitmap frozen while a second bitmap starts
 //! tracking, exported read-only), writes more, takes a push-mode incremental, verifies
 //! the repository, restores every point in time and compares each restore with the
-//! model's copy of that moment. Exit 0 only when every check passed.
+//! model's copy of that moment; then shows what the chunk store shares (deduplication
+//! and compression), prunes the oldest backup, collects its chunks, and restores the
+//! backups kept again. Exit 0 only when every check passed.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,8 @@ use blockdelta::repo::push::{PushOptions, push_backup};
 use blockdelta::repo::qmp_client::QmpClient;
 use blockdelta::repo::restore::{RestoreFormat, RestoreOptions, restore};
 use blockdelta::repo::{NoProgress, Repository};
+use repo::backend::LocalBackend;
+use repo::repository::CreateOptions;
 use serde_json::json;
 
 use super::progress::human_bytes;
@@ -129,10 +133,67 @@ fn wait_for(path: &Path) -> anyhow::Result<()> {
 struct Row {
     step: &'static str,
     written: u64,
-    copied: u64,
+    read: u64,
+    stored: u64,
     time: Duration,
-    id: String,
+    id: u64,
     model: Model,
+}
+
+/// The store's side: what the backups share, then retention: the oldest backup pruned,
+/// its chunks collected, and the backups kept restored again after the collection.
+fn retention(repo: &Repository, dir: &Path, rows: &[Row]) -> anyhow::Result<bool> {
+    let st = repo.stats()?;
+    println!(
+        "store: {} of backups in {} distinct chunks ({}), {} stored: deduplication {:.1}x, \
+         compression {:.1}x",
+        human_bytes(st.logical_bytes),
+        st.chunks,
+        human_bytes(st.unique_bytes),
+        human_bytes(st.stored_bytes()),
+        st.dedup_ratio(),
+        st.compression_ratio()
+    );
+    let policy = repo::prune::KeepPolicy { last: 2, ..Default::default() };
+    let decisions = repo::prune::prune(repo, "disk0", &policy, repo::prune::PruneMode::Apply)?;
+    let removed = decisions.iter().filter(|d| d.kept_by.is_empty()).count();
+    let gc = repo::gc::gc(repo, &repo::gc::GcOptions::default(), &NoProgress)?;
+    println!(
+        "prune --keep-last 2: {removed} backup removed; gc: {} chunks ({}) freed",
+        gc.removed,
+        human_bytes(gc.removed_bytes)
+    );
+    let mut ok = true;
+    for row in rows.iter().rev().take(2) {
+        let (same, verdict) = restore_and_compare(repo, dir, row);
+        ok &= same;
+        println!("restore of backup {} after gc: {verdict}", repo::format_id(row.id));
+    }
+    Ok(ok)
+}
+
+/// Restores `row`'s backup to a raw file in `dir`, compares it with the model of that
+/// moment and removes it: whether it is the same, and what to print.
+fn restore_and_compare(repo: &Repository, dir: &Path, row: &Row) -> (bool, String) {
+    let to = dir.join(format!("restore-{}.raw", row.id));
+    let opts = RestoreOptions {
+        disk: "disk0".into(),
+        at: Some(row.id),
+        to: to.clone(),
+        format: RestoreFormat::Raw,
+        force: true,
+        jobs: repo::pool::default_jobs(),
+    };
+    let t = Instant::now();
+    let outcome = restore(repo, &opts, &NoProgress)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| compare(&to, &row.model));
+    let _ = std::fs::remove_file(&to);
+    match outcome {
+        Ok(None) => (true, format!("identical ({:.2} s)", t.elapsed().as_secs_f64())),
+        Ok(Some(diff)) => (false, format!("DIFFERS: {diff}")),
+        Err(e) => (false, format!("FAILED: {e:#}")),
+    }
 }
 
 /// Runs `blockdelta demo`.
@@ -173,7 +234,12 @@ fn story(dir: &Path) -> anyhow::Result<ExitCode> {
     wait_for(&nbd_sock)?;
     wait_for(&qmp_sock)?;
 
-    let repo = Repository::open_or_create(&dir.join("repo"))?;
+    let repo_dir = dir.join("repo");
+    std::fs::create_dir_all(&repo_dir)?;
+    let repo = Repository::create(
+        std::sync::Arc::new(LocalBackend::open(&repo_dir)?),
+        CreateOptions::default(),
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut nbd = rt.block_on(nbd::client::Client::connect(
         &nbd::uri::Target::Unix(nbd_sock.clone()),
@@ -189,7 +255,7 @@ fn story(dir: &Path) -> anyhow::Result<ExitCode> {
 
     // 1. Writes, then a push-mode full backup that adds bitmap "demo".
     let written = rt.block_on(write_random(&mut nbd, &mut model, &mut rng, 512, 64))?;
-    let mut push = PushOptions::new(&qmp_sock, "disk0");
+    let mut push = PushOptions::new(&qmp_sock, "disk0", repo_dir.join(".push"));
     push.full = true;
     push.bitmap = Some("demo".into());
     let t = Instant::now();
@@ -197,9 +263,10 @@ fn story(dir: &Path) -> anyhow::Result<ExitCode> {
     rows.push(Row {
         step: "full (push)",
         written,
-        copied: r.backup.manifest.bytes_copied,
+        read: r.backup.meta.bytes_read,
+        stored: r.backup.meta.new_stored_bytes,
         time: t.elapsed(),
-        id: r.backup.manifest.id.clone(),
+        id: r.backup.meta.id,
         model: model.clone(),
     });
 
@@ -224,7 +291,7 @@ fn story(dir: &Path) -> anyhow::Result<ExitCode> {
     let mut pull = PullOptions::new(format!("nbd+unix:///pull?socket={}", nbd_sock.display()));
     pull.bitmap = Some("demo".into());
     pull.disk = Some("disk0".into());
-    let r = rt.block_on(pull_backup(&repo, &pull, &NoProgress))?;
+    let r = pull_backup(&repo, &pull, &NoProgress)?;
     q.execute("block-export-del", json!({"id": "pull"}))?;
     // The bitmap stays busy until the export's last connection is gone.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -239,82 +306,69 @@ fn story(dir: &Path) -> anyhow::Result<ExitCode> {
     rows.push(Row {
         step: "incremental (pull)",
         written,
-        copied: r.backup.manifest.bytes_copied,
+        read: r.backup.meta.bytes_read,
+        stored: r.backup.meta.new_stored_bytes,
         time: t.elapsed(),
-        id: r.backup.manifest.id.clone(),
+        id: r.backup.meta.id,
         model: model.clone(),
     });
 
     // 3. More writes, then a push-mode incremental from "demo2".
     let written = rt.block_on(write_random(&mut nbd, &mut model, &mut rng, 100, 32))?;
-    let mut push = PushOptions::new(&qmp_sock, "disk0");
+    let mut push = PushOptions::new(&qmp_sock, "disk0", repo_dir.join(".push"));
     push.bitmap = Some("demo2".into());
     let t = Instant::now();
     let r = push_backup(&repo, &push, &NoProgress)?;
     rows.push(Row {
         step: "incremental (push)",
         written,
-        copied: r.backup.manifest.bytes_copied,
+        read: r.backup.meta.bytes_read,
+        stored: r.backup.meta.new_stored_bytes,
         time: t.elapsed(),
-        id: r.backup.manifest.id.clone(),
+        id: r.backup.meta.id,
         model: model.clone(),
     });
     let _ = rt.block_on(nbd.disconnect());
 
     // 4. Verify, then restore every point in time and compare.
-    let v = blockdelta::repo::verify::verify(&repo, None, &NoProgress)?;
-    let mut all_ok = v.problems.is_empty();
-    for p in &v.problems {
-        println!("verify: {}: {}", p.path.display(), p.message);
+    let v = repo::verify::verify(&repo, &[], repo::pool::default_jobs(), &NoProgress)?;
+    let mut all_ok = v.ok();
+    for e in &v.bad_indexes {
+        println!("verify: {e}");
+    }
+    for b in &v.bad_chunks {
+        println!("verify: {}; used by {}", b.error, repo::verify::describe_users(&b.used_by));
     }
     println!();
     println!(
-        "{:<20} {:>6} {:>12} {:>12} {:>9}  restore of that point in time",
-        "backup", "id", "written", "copied", "time"
+        "{:<20} {:>6} {:>12} {:>12} {:>12} {:>9}  restore of that point in time",
+        "backup", "id", "written", "read", "stored", "time"
     );
     for row in &rows {
-        let to: PathBuf = dir.join(format!("restore-{}.raw", row.id));
-        let t = Instant::now();
-        let res = restore(
-            &repo,
-            &RestoreOptions {
-                disk: "disk0".into(),
-                at: Some(row.id.clone()),
-                to: to.clone(),
-                format: RestoreFormat::Raw,
-                force: true,
-            },
-            &NoProgress,
-        );
-        let verdict = match res.map_err(anyhow::Error::from).and_then(|_| compare(&to, &row.model))
-        {
-            Ok(None) => format!("identical ({:.2} s)", t.elapsed().as_secs_f64()),
-            Ok(Some(diff)) => {
-                all_ok = false;
-                format!("DIFFERS: {diff}")
-            }
-            Err(e) => {
-                all_ok = false;
-                format!("FAILED: {e:#}")
-            }
-        };
-        let _ = std::fs::remove_file(&to);
+        let (same, verdict) = restore_and_compare(&repo, dir, row);
+        all_ok &= same;
         println!(
-            "{:<20} {:>6} {:>12} {:>12} {:>7.2} s  {verdict}",
+            "{:<20} {:>6} {:>12} {:>12} {:>12} {:>7.2} s  {verdict}",
             row.step,
-            row.id,
+            repo::format_id(row.id),
             human_bytes(row.written),
-            human_bytes(row.copied),
+            human_bytes(row.read),
+            human_bytes(row.stored),
             row.time.as_secs_f64()
         );
     }
-    println!("(copied: whole 64 KiB clusters, the bitmaps' granularity, around each 4 KiB write)");
     println!(
-        "\nverify: {} backups, {} problems; total {:.1} s",
-        v.ok.len(),
-        v.problems.len(),
-        started.elapsed().as_secs_f64()
+        "(read: whole 64 KiB clusters, the bitmaps' granularity, around each 4 KiB write; \
+         stored: the new chunks, compressed)"
     );
+    println!(
+        "\nverify: {} backups, {} chunks, {} problems",
+        v.indexes,
+        v.chunks,
+        v.bad_indexes.len() + v.bad_chunks.len(),
+    );
+    all_ok &= retention(&repo, dir, &rows)?;
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
     if all_ok {
         println!("every check passed");
         Ok(ExitCode::SUCCESS)

@@ -6,10 +6,14 @@ mod check;
 mod demo;
 mod image;
 mod info;
+mod init;
+mod key;
 mod list;
 mod progress;
 mod qmp;
+mod repo_args;
 mod restore;
+mod retention;
 mod serve;
 mod size;
 mod verify;
@@ -64,18 +68,29 @@ enum Command {
     /// mode reads an NBD export (qemu-storage-daemon, qemu-nbd -B, blockdelta serve);
     /// push mode (--qmp, --node) has a running daemon's backup job write it.
     Backup(backup::BackupArgs),
-    /// Restore a disk from a repository: the backup chain flattened into one sparse image.
+    /// Restore a backup of a disk: to a new sparse raw or qcow2 image, or in place to a
+    /// block device.
     Restore(restore::RestoreArgs),
-    /// Verify a repository: images, chain links, sizes and every recorded checksum.
+    /// Verify a repository: every index, and every chunk's hash (--jobs at a time).
     Verify(verify::VerifyArgs),
     /// List the backups of a repository.
     List(list::ListArgs),
+    /// Make a new repository (encrypted with --keyfile).
+    Init(init::InitArgs),
+    /// Drop the backups that no --keep-* rule keeps (restic's rules).
+    Prune(retention::PruneArgs),
+    /// Free the chunks that no backup uses (safe while backups run).
+    Gc(retention::GcArgs),
+    /// Drop one backup.
+    Forget(retention::ForgetArgs),
     /// The whole story on a 1 GiB disk in a temporary directory: serve, write, full
     /// backup (push), incrementals (pull and push), verify, restore and compare every
     /// point in time. Exit 0 only when every check passed.
     Demo(demo::DemoArgs),
     /// Run one QMP command on a daemon's monitor socket and print its result as JSON.
     Qmp(qmp::QmpArgs),
+    /// Key files for encrypted repositories (`key create FILE`).
+    Key(key::KeyArgs),
 }
 
 /// How results are printed.
@@ -122,7 +137,12 @@ pub fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(&args),
         Command::Verify(args) => verify::run(&args),
         Command::List(args) => list::run(&args),
+        Command::Init(args) => init::run(&args),
+        Command::Prune(args) => retention::run_prune(&args),
+        Command::Gc(args) => retention::run_gc(&args),
+        Command::Forget(args) => retention::run_forget(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Qmp(args) => qmp::run(&args),
+        Command::Key(args) => key::run(&args),
     }
 }

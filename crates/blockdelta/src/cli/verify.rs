@@ -1,22 +1,24 @@
-//! `blockdelta verify`: every backup of a repository checked, nothing changed.
+//! `blockdelta verify`: every index and every chunk checked, nothing changed.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use blockdelta::repo::Repository;
-use blockdelta::repo::verify::verify;
+use repo::verify::{describe_users, verify};
+use serde_json::json;
 
 use super::progress::{Bar, human_bytes};
+use super::repo_args::RepoArgs;
 
 /// The arguments of `blockdelta verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
-    repo: PathBuf,
+    #[command(flatten)]
+    repo: RepoArgs,
     /// Only this disk.
     #[arg(long, value_name = "NAME")]
     disk: Option<String>,
+    /// Chunks checked at once (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -25,25 +27,40 @@ pub struct VerifyArgs {
     quiet: bool,
 }
 
-/// Runs `blockdelta verify`: exit 0 when every backup passed, 1 otherwise (each
-/// problem on stderr, naming its file).
+/// Runs `blockdelta verify`: exit 0 when everything is sound, 1 otherwise (each
+/// problem on stderr: the object, what is wrong, and the backups it affects).
 pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repository::open(&args.repo)?;
+    let repo = args.repo.open()?;
     let bar = Bar::new(args.quiet || args.json);
-    let report = verify(&repo, args.disk.as_deref(), &bar)?;
+    let disks: Vec<String> = args.disk.iter().cloned().collect();
+    let jobs = args.jobs.unwrap_or_else(repo::pool::default_jobs).max(1);
+    let report = verify(&repo, &disks, jobs, &bar)?;
+    for e in &report.bad_indexes {
+        eprintln!("blockdelta: {e}");
+    }
+    for b in &report.bad_chunks {
+        eprintln!("blockdelta: {}; used by {}", b.error, describe_users(&b.used_by));
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    for p in &report.problems {
-        eprintln!("blockdelta: {}", p.message);
-    }
-    if !args.json && !args.quiet {
+        let v = json!({
+            "indexes": report.indexes,
+            "chunks": report.chunks,
+            "bytes": report.bytes,
+            "bad-indexes": report.bad_indexes.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "bad-chunks": report.bad_chunks.iter().map(|b| json!({
+                "chunk": b.id.to_string(), "error": b.error.to_string(),
+                "used-by": b.used_by.iter().map(|(d, id)| json!({"disk": d, "id": repo::format_id(*id)})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !args.quiet {
         println!(
-            "{} backups verified, {} problems, {} hashed",
-            report.ok.len(),
-            report.problems.len(),
-            human_bytes(report.bytes_hashed)
+            "{} backups and {} chunks ({}) verified, {} problems",
+            report.indexes,
+            report.chunks,
+            human_bytes(report.bytes),
+            report.bad_indexes.len() + report.bad_chunks.len()
         );
     }
-    Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -1,16 +1,17 @@
 //! Push-mode backups: a running daemon (`blockdelta serve` or `qemu-storage-daemon`)
-//! copies its disk into a new image of the repository with a `blockdev-backup` job,
-//! driven over QMP, so that the daemon's point-in-time copy (copy-before-write) and the
-//! successor protocol do the work.
+//! copies its disk into a scratch image with a `blockdev-backup` job, driven over QMP,
+//! so that the daemon's point-in-time copy (copy-before-write) and the successor
+//! protocol do the work; the image's clusters then go into the chunk store.
 //!
 //! # Steps
 //!
-//! 1. Under the disk's repository lock: connect, recover from any interrupted push
-//!    backup of this disk ([`recover`], below), check the chain an incremental builds
-//!    on, remove the repository's leftovers.
-//! 2. Create the target `.tmp-NNNN.qcow2` (backing file: the parent's image, a relative
-//!    name) and `blockdev-add` it (qcow2 over file, `backing: null`: the job writes only
-//!    whole clusters, so the daemon never needs the parent's data).
+//! 1. Under the disk's repository lock (held to the end): connect, recover from any
+//!    interrupted push backup of this disk ([`recover`], below), remove its leftover
+//!    scratch images, check the backup an incremental builds on, and start the
+//!    repository's writer (which registers it for `gc`).
+//! 2. Create the scratch image `push-TAG-NNNN-TOKEN.qcow2` (no backing file) and
+//!    `blockdev-add` it (qcow2 over file, `backing: null`: the job writes only whole
+//!    clusters, so the daemon never needs the parent's data).
 //! 3. One `transaction`, i.e. one instant: the *safety bitmap* (below), then for a full
 //!    backup `block-dirty-bitmap-clear NAME` (or `-add` when NAME is absent, `-remove`
 //!    when it is inconsistent: see *After a daemon crash*), then `blockdev-backup`
@@ -18,31 +19,30 @@
 //!    `bitmap-mode=on-success`: on success NAME keeps exactly the writes made since the
 //!    job started, i.e. since this backup's point in time; on failure it is reclaimed).
 //! 4. Wait for `BLOCK_JOB_COMPLETED`; `blockdev-del` the target (the daemon flushes and
-//!    closes it); hash the new image through its chain (a full backup: every data
-//!    range; an incremental: the clusters allocated in the new image only, over a copy of
-//!    the parent's `.sums`); rename image and `.sums`, write the manifest (temporary,
-//!    fsync, rename, fsync of the directory): only now does the backup exist.
+//!    closes it); store the clusters the image allocates, each chunk completed from the
+//!    parent's ([`super::image_ingest`]); commit the index: only now does the backup
+//!    exist. Remove the scratch image.
 //! 5. Remove the safety bitmap.
 //!
 //! # Why no write is ever lost: the safety bitmap
 //!
-//! The danger is the window between the daemon settling NAME and the manifest's rename.
+//! The danger is the window between the daemon settling NAME and the index's commit.
 //! Once the job succeeds, NAME abdicates and forgets the writes copied into the new
-//! image; if the client dies before the manifest exists, that image is an orphan (the
-//! next run deletes it) and the next incremental, built on the previous manifest, would
+//! image; if the client dies before the index exists, that image is an orphan (the
+//! next run deletes it) and the next incremental, built on the previous index, would
 //! miss those writes. `auto-finalize: false` only moves the window (a kill between
-//! `job-finalize` and the rename), and the image cannot be hashed safely before the
+//! `job-finalize` and the commit), and the image cannot be read safely before the
 //! daemon has closed it, which needs the job finalized.
 //!
 //! So the transaction first adds a bitmap `S = blockdelta-pending/DISK/ID/TOKEN/NAME`
 //! (NAME's granularity and persistence) and merges NAME into it: at the backup's
 //! instant S holds every write since the parent backup, and S is enabled, so it keeps
-//! recording. Nothing ever clears S. It is removed only once the manifest that records
+//! recording. Nothing ever clears S. It is removed only once the index that records
 //! attempt TOKEN is durable, and by then the writes it held are in a backup the
 //! repository knows. In every other case (a failed or cancelled job, a full backup's
 //! cleared NAME, a killed client at any moment) S is merged back into NAME before it
 //! is removed, which restores NAME to a superset of the writes since the newest
-//! manifest; a superset costs copying a little more, never a missed write.
+//! index; a superset costs copying a little more, never a missed write.
 //!
 //! A full backup where NAME holds no valid bits (NAME absent, or inconsistent) adds a
 //! *fresh* S instead (its token ends in `-fresh`): empty at the instant, recording from
@@ -55,7 +55,7 @@
 //! to go (a cancel reclaims NAME; a job that already completed left S), deletes orphan
 //! target nodes, then settles the safety bitmaps of each NAME:
 //!
-//! - committed (its manifest exists and records its token) → removed;
+//! - committed (its index exists and records its token) → removed;
 //! - uncommitted, and inconsistent (its bits are unknown) or fresh: NAME cannot be
 //!   restored to a superset, so NAME must not serve an incremental: one `transaction`
 //!   removes NAME (unless NAME is itself inconsistent, which is unusable as it is and
@@ -92,23 +92,18 @@
 //!   backup fails; NAME is then absent, and the next backup must be full again.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use ::repo::writer::{BackupPlan, Basis};
+use ::repo::{Backup, Progress, Repository, Timestamp, format_id, parse_id};
 use qcow2::Qcow2Image;
-use qcow2::l2::ClusterMapping;
 use serde_json::{Value, json};
+use sha2::Digest;
 
-use super::fsutil::{self, DirLock, TMP_PREFIX};
-use super::hash::{self, LEAF};
-use super::manifest::{self, BackupKind, Manifest};
+use super::image_ingest::ingest_image;
 use super::qmp_client::{QmpClient, QmpClientError};
-use super::{
-    Backup, Progress, RepoError, Repository, Result, image_name, io_err, manifest_name, sums_name,
-};
+use super::{RepoError, Result, io_err};
 
 /// The bitmap a push backup uses when none is named.
 pub const DEFAULT_BITMAP: &str = "blockdelta";
@@ -135,11 +130,20 @@ pub struct PushOptions {
     /// The backup job's speed in bytes per second (0: unlimited), so that a backup
     /// leaves the disk's bandwidth to its guest.
     pub speed: u64,
+    /// Where the daemon writes the backup image before it is taken into the chunk
+    /// store: a directory both the daemon and this process can reach.
+    pub scratch: PathBuf,
+    /// Threads storing chunks.
+    pub jobs: usize,
 }
 
 impl PushOptions {
     /// Defaults: incremental, bitmap [`DEFAULT_BITMAP`], disk = node, 30 s timeout.
-    pub fn new(qmp: impl Into<PathBuf>, node: impl Into<String>) -> Self {
+    pub fn new(
+        qmp: impl Into<PathBuf>,
+        node: impl Into<String>,
+        scratch: impl Into<PathBuf>,
+    ) -> Self {
         PushOptions {
             qmp: qmp.into(),
             node: node.into(),
@@ -148,6 +152,8 @@ impl PushOptions {
             bitmap: None,
             timeout: Duration::from_secs(30),
             speed: 0,
+            scratch: scratch.into(),
+            jobs: ::repo::pool::default_jobs(),
         }
     }
 }
@@ -159,7 +165,7 @@ pub struct PushReport {
     pub backup: Backup,
     /// What recovery of interrupted backups did first (one line each).
     pub recovered: Vec<String>,
-    /// Leftover files of interrupted backups that were removed.
+    /// Leftover images of interrupted backups that were removed.
     pub removed: Vec<PathBuf>,
     /// Time from the transaction to `BLOCK_JOB_COMPLETED`.
     pub job_time: Duration,
@@ -178,7 +184,7 @@ fn img_err(path: &Path) -> impl Fn(qcow2::Qcow2Error) -> RepoError + '_ {
 /// A short tag of the disk name for job ids and node names (QEMU limits node names to
 /// 31 characters; the disk name may be 64).
 fn disk_tag(disk: &str) -> String {
-    hash::hex(&hash::sha256(disk.as_bytes()))[..8].to_owned()
+    ::repo::key::hex(&sha2::Sha256::digest(disk.as_bytes()))[..8].to_owned()
 }
 fn job_prefix(disk: &str) -> String {
     format!("bdb-{}-", disk_tag(disk))
@@ -214,7 +220,7 @@ fn parse_pending(name: &str, disk: &str) -> Option<Pending> {
     })
 }
 
-/// The `source` a push manifest records; it carries the attempt's token, by which
+/// The `source` a push backup's index records; it carries the attempt's token, by which
 /// recovery knows whether a safety bitmap's backup was committed.
 fn source_text(opts: &PushOptions, token: &str) -> String {
     format!("qmp:{} node={} attempt={token}", opts.qmp.display(), opts.node)
@@ -272,7 +278,7 @@ pub struct Recovery {
 
 /// Brings the daemon back to a settled state after interrupted push backups of `disk`
 /// (see the module docs). Must run under the disk's lock.
-pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<Recovery> {
+pub fn recover(q: &mut QmpClient, node: &str, disk: &str, repo: &Repository) -> Result<Recovery> {
     let mut rec = Recovery::default();
     let done = &mut rec.done;
     // 1. Orphan jobs: cancel (which reclaims the bitmap) and wait until they are gone.
@@ -332,14 +338,16 @@ pub fn recover(q: &mut QmpClient, node: &str, disk: &str, dir: &Path) -> Result<
             guarded.entry(p.bitmap.clone()).or_default().push((p, b));
         }
     }
+    let committed = if guarded.is_empty() { Vec::new() } else { repo.backups(disk)? };
     for (name, safety) in guarded {
         let target = bitmaps.iter().find(|b| b.name == name);
         let uncommitted: Vec<&(Pending, &BitmapInfo)> = safety
             .iter()
             .filter(|(p, _)| {
-                !Manifest::load(&dir.join(manifest_name(&p.id)), disk, &p.id)
-                    .map(|m| m.source.ends_with(&format!("attempt={}", p.token)))
-                    .unwrap_or(false)
+                !committed.iter().any(|b| {
+                    parse_id(&p.id) == Some(b.meta.id)
+                        && b.meta.source.ends_with(&format!("attempt={}", p.token))
+                })
             })
             .collect();
         // An uncommitted safety bitmap that is inconsistent (its bits are unknown) or
@@ -440,9 +448,9 @@ pub fn push_backup(
     progress: &dyn Progress,
 ) -> Result<PushReport> {
     let started = Instant::now();
-    let (time_unix, time) = manifest::now();
+    let time = Timestamp::from_system(SystemTime::now());
     let disk = opts.disk.clone().unwrap_or_else(|| opts.node.clone());
-    if !super::valid_name(&disk) {
+    if !::repo::valid_disk_name(&disk) {
         return Err(RepoError::Invalid(format!(
             "invalid disk name '{disk}' (letters, digits, '.', '_', '-'; give --disk)"
         )));
@@ -451,28 +459,20 @@ pub fn push_backup(
     if bitmap.is_empty() || bitmap.starts_with(PENDING_PREFIX) {
         return Err(RepoError::Invalid(format!("invalid bitmap name '{bitmap}'")));
     }
-    let dir = repo.disk_dir(&disk);
-    if !dir.exists() {
-        if !opts.full {
-            return Err(RepoError::Invalid(format!(
-                "{}: disk '{disk}' has no backups: take a full backup first (--full)",
-                dir.display()
-            )));
-        }
-        match std::fs::create_dir(&dir) {
-            Ok(()) => fsutil::fsync_dir(repo.root())?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(&dir, "creating the disk directory")(e)),
-        }
+    if !opts.full && repo.backups(&disk)?.is_empty() {
+        return Err(RepoError::Invalid(format!(
+            "{}: disk '{disk}' has no backups: take a full backup first (--full)",
+            repo.backend().location()
+        )));
     }
-    let dir = dir.canonicalize().map_err(io_err(&dir, "resolving"))?;
-    let _lock = DirLock::acquire(&dir)?;
+    // Everything below runs under the disk's lock, held by the writer to the end.
+    let lock = repo.lock_disk(&disk)?;
     let mut q = QmpClient::connect(&opts.qmp, opts.timeout).map_err(qmp_err)?;
-    let recovery = recover(&mut q, &opts.node, &disk, &dir)?;
+    let recovery = recover(&mut q, &opts.node, &disk, repo)?;
+    let removed = remove_leftover_images(&opts.scratch, &disk)?;
 
     let backups = repo.backups(&disk)?;
-    let parent =
-        if opts.full { None } else { Some(super::pull::checked_parent(&backups, &dir, &disk)?) };
+    let parent = if opts.full { None } else { backups.last().cloned() };
     let record = node_record(&mut q, &opts.node)?;
     let size = record["image"]["virtual-size"].as_u64().ok_or_else(|| {
         RepoError::Invalid(format!("the daemon reports no virtual size for node '{}'", opts.node))
@@ -481,75 +481,155 @@ pub fn push_backup(
         return Err(RepoError::Invalid(format!("unsupported disk size {size}")));
     }
     if let Some(p) = &parent
-        && p.manifest.virtual_size != size
+        && p.meta.size != size
     {
         return Err(RepoError::Invalid(format!(
-            "disk size {size} differs from the previous backup's {} ({}): take a full backup (--full)",
-            p.manifest.virtual_size,
-            p.manifest_path.display()
+            "disk size {size} differs from the previous backup's {} (backup {}): take a full backup (--full)",
+            p.meta.size,
+            format_id(p.meta.id)
         )));
     }
     let bitmaps = bitmaps_of(&record);
     let existing = bitmaps.iter().find(|b| b.name == bitmap).cloned();
     let persistent = record["drv"] == "qcow2" && record["ro"] != true;
     if !opts.full {
-        let lost = |reason: String| RepoError::TrackingLost {
-            node: opts.node.clone(),
-            bitmap: bitmap.clone(),
-            reason,
-        };
-        if let Some((_, why)) = recovery.lost.iter().find(|(b, _)| *b == bitmap) {
-            return Err(lost(why.clone()));
-        }
-        match &existing {
-            None => {
-                return Err(RepoError::Invalid(format!(
-                    "node '{}' has no dirty bitmap '{bitmap}': take a full backup (--full), \
-                     which adds it",
-                    opts.node
-                )));
-            }
-            Some(b) if b.inconsistent => {
-                return Err(lost(format!(
-                    "dirty bitmap '{bitmap}' of node '{}' is inconsistent: the daemon stopped \
-                     without saving it (it crashed or was killed), so it may miss writes",
-                    opts.node
-                )));
-            }
-            Some(_) => {}
-        }
+        check_tracking(&recovery, existing.as_ref(), &opts.node, &bitmap)?;
     }
     // NAME's bits, when they are valid: every write since the newest backup.
     let base = existing.as_ref().filter(|b| !b.inconsistent);
-    let removed = fsutil::remove_leftovers(&dir)?;
-
-    let id = super::pull::next_id(&backups);
     let fresh = if base.is_some() { "" } else { FRESH };
-    let token = format!("{time_unix}.{}{fresh}", std::process::id());
-    let image_tmp = dir.join(format!("{TMP_PREFIX}{}", image_name(&id)));
-    let sums_tmp = dir.join(format!("{TMP_PREFIX}{}", sums_name(&id)));
-    let mut create = qcow2::create::CreateOptions::new(size);
-    if let Some(p) = &parent {
-        create.backing_file = Some(image_name(&p.manifest.id));
-        create.backing_format = Some("qcow2".into());
-    }
-    qcow2::create::create_file(&image_tmp, create).map_err(img_err(&image_tmp))?;
-    fsutil::fsync_dir(&dir)?;
+    let token = format!("{}.{}{fresh}", time.0, std::process::id());
+    let writer = repo.begin_backup_locked(
+        BackupPlan {
+            disk: disk.clone(),
+            size,
+            basis: match &parent {
+                None => Basis::Full,
+                Some(p) => Basis::Incremental { parent: p.meta.id },
+            },
+            source: source_text(opts, &token),
+            bitmap: Some(bitmap.clone()),
+            time,
+        },
+        lock,
+    )?;
+    let id = format_id(writer.id());
+    std::fs::create_dir_all(&opts.scratch).map_err(io_err(&opts.scratch, "creating"))?;
+    let image_tmp = opts.scratch.join(format!("{}{id}-{token}.qcow2", image_prefix(&disk)));
+    qcow2::create::create_file(&image_tmp, qcow2::create::CreateOptions::new(size))
+        .map_err(img_err(&image_tmp))?;
 
     let target = format!("{}{id}", node_prefix(&disk));
     // The attempt's token makes the job id unique: an orphan job of an earlier attempt
     // at the same backup id, cancelled by recovery, sends its `BLOCK_JOB_CANCELLED` on
     // this connection, and it must not be taken for this job's end.
     let job = format!("{}{id}-{token}", job_prefix(&disk));
-    q.execute(
+    if let Err(e) = q.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": target, "backing": null,
                "file": {"driver": "file", "filename": image_tmp}}),
-    )
-    .map_err(qmp_err)?;
-
-    // The transaction: safety bitmap, NAME reset for a full backup, the job.
+    ) {
+        let _ = std::fs::remove_file(&image_tmp);
+        return Err(qmp_err(e));
+    }
     let safety = format!("{PENDING_PREFIX}{disk}/{id}/{token}/{bitmap}");
+    let (actions, replace) =
+        backup_actions(opts, &bitmap, &safety, &job, &target, existing.as_ref(), persistent);
+    let job_started = Instant::now();
+    if let Err(e) = q.execute("transaction", json!({"actions": actions})) {
+        // Nothing happened in the daemon but the target node: remove it and the file.
+        let _ = q.execute("blockdev-del", json!({"node-name": target}));
+        let _ = std::fs::remove_file(&image_tmp);
+        return Err(qmp_err(e));
+    }
+    if let Some(r) = replace
+        && let Err(e) = q.execute("transaction", r)
+    {
+        // The job runs without NAME: recovery cancels it and removes what it made.
+        let _ = recover(&mut q, &opts.node, &disk, repo);
+        let _ = std::fs::remove_file(&image_tmp);
+        return Err(qmp_err(e));
+    }
+    progress.start("backup (daemon)", size);
+    let outcome = wait_job(&mut q, &job, progress);
+    progress.finish();
+    let job_time = job_started.elapsed();
+    match outcome {
+        Ok(_) => {}
+        Err(e) => {
+            // The daemon reclaimed NAME (incremental); a full backup's cleared NAME is
+            // restored from the safety bitmap. Then the repository is as it was.
+            let _ = recover(&mut q, &opts.node, &disk, repo);
+            let _ = std::fs::remove_file(&image_tmp);
+            return Err(e);
+        }
+    }
+    q.execute("blockdev-del", json!({"node-name": target})).map_err(qmp_err)?;
+
+    // Into the chunk store: the clusters the job wrote, completed from the parent's chunks.
+    let ingested = (|| -> Result<u64> {
+        let image = Qcow2Image::open_path(&image_tmp, false).map_err(img_err(&image_tmp))?;
+        progress.start("store", size);
+        let copied = ingest_image(&writer, &image, &image_tmp, opts.jobs)?;
+        progress.finish();
+        Ok(copied)
+    })();
+    let _ = std::fs::remove_file(&image_tmp);
+    // A failure here leaves the safety bitmap: the next backup's recovery merges it back.
+    let copied = ingested?;
+    writer.add_bytes_read(copied);
+    let backup = writer.commit()?;
+    // Committed: the safety bitmap's writes are in this backup now.
+    q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
+        .map_err(qmp_err)?;
+    Ok(PushReport {
+        backup,
+        recovered: recovery.done,
+        removed,
+        job_time,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Refuses an incremental when NAME cannot know every write since the newest backup.
+fn check_tracking(
+    recovery: &Recovery,
+    existing: Option<&BitmapInfo>,
+    node: &str,
+    bitmap: &str,
+) -> Result<()> {
+    let lost = |reason: String| RepoError::TrackingLost {
+        node: node.to_owned(),
+        bitmap: bitmap.to_owned(),
+        reason,
+    };
+    if let Some((_, why)) = recovery.lost.iter().find(|(b, _)| b == bitmap) {
+        return Err(lost(why.clone()));
+    }
+    match existing {
+        None => Err(RepoError::Invalid(format!(
+            "node '{node}' has no dirty bitmap '{bitmap}': take a full backup (--full), which adds it"
+        ))),
+        Some(b) if b.inconsistent => Err(lost(format!(
+            "dirty bitmap '{bitmap}' of node '{node}' is inconsistent: the daemon stopped \
+             without saving it (it crashed or was killed), so it may miss writes"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The backup's transaction (safety bitmap, NAME reset for a full backup, the job), and
+/// the transaction that re-creates an inconsistent NAME right after it.
+fn backup_actions(
+    opts: &PushOptions,
+    bitmap: &str,
+    safety: &str,
+    job: &str,
+    target: &str,
+    existing: Option<&BitmapInfo>,
+    persistent: bool,
+) -> (Vec<Value>, Option<Value>) {
+    let base = existing.filter(|b| !b.inconsistent);
     let mut actions = Vec::new();
     // A safety bitmap always: with NAME's bits when they are valid; otherwise (a full
     // backup where NAME is absent or inconsistent) empty, and *fresh*: then it records
@@ -559,7 +639,7 @@ pub fn push_backup(
     // survives a clean restart of the daemon.
     let mut add_safety = json!({"node": opts.node, "name": safety,
         "persistent": base.map_or(persistent, |b| b.persistent)});
-    if let Some(b) = &existing {
+    if let Some(b) = existing {
         add_safety["granularity"] = json!(b.granularity);
     }
     actions.push(json!({"type": "block-dirty-bitmap-add", "data": add_safety}));
@@ -567,10 +647,9 @@ pub fn push_backup(
         actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
             "node": opts.node, "target": safety, "bitmaps": [bitmap]}}));
     }
-    // After the transaction: NAME re-created from the fresh safety bitmap.
     let mut replace = None;
     if opts.full {
-        actions.push(match &existing {
+        actions.push(match existing {
             Some(b) if !b.inconsistent => json!({"type": "block-dirty-bitmap-clear", "data": {
                 "node": opts.node, "name": bitmap}}),
             // Inconsistent: removed at the instant. Its replacement cannot be added in
@@ -598,80 +677,33 @@ pub fn push_backup(
             "job-id": job, "device": opts.node, "target": target, "sync": "incremental",
             "bitmap": bitmap, "speed": opts.speed}}));
     }
-    let job_started = Instant::now();
-    if let Err(e) = q.execute("transaction", json!({"actions": actions})) {
-        // Nothing happened in the daemon but the target node: remove it and the file.
-        let _ = q.execute("blockdev-del", json!({"node-name": target}));
-        let _ = std::fs::remove_file(&image_tmp);
-        return Err(qmp_err(e));
-    }
-    if let Some(r) = replace
-        && let Err(e) = q.execute("transaction", r)
-    {
-        // The job runs without NAME: recovery cancels it and removes what it made.
-        let _ = recover(&mut q, &opts.node, &disk, &dir);
-        let _ = std::fs::remove_file(&image_tmp);
-        return Err(qmp_err(e));
-    }
-    progress.start("backup (daemon)", size);
-    let outcome = wait_job(&mut q, &job, progress);
-    progress.finish();
-    let job_time = job_started.elapsed();
-    let bytes_job = match outcome {
-        Ok(n) => n,
-        Err(e) => {
-            // The daemon reclaimed NAME (incremental); a full backup's cleared NAME is
-            // restored from the safety bitmap. Then the repository is as it was.
-            let _ = recover(&mut q, &opts.node, &disk, &dir);
-            let _ = std::fs::remove_file(&image_tmp);
-            return Err(e);
-        }
-    };
-    q.execute("blockdev-del", json!({"node-name": target})).map_err(qmp_err)?;
+    (actions, replace)
+}
 
-    // Checksums, through the new image's chain.
-    let image = Qcow2Image::open_path(&image_tmp, false).map_err(img_err(&image_tmp))?;
-    let sums = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&sums_tmp)
-        .map_err(io_err(&sums_tmp, "creating"))?;
-    let (checksums, bytes_copied) =
-        hash_new_image(&image, &image_tmp, &sums, &sums_tmp, parent.as_ref(), size, progress)?;
-    drop(image);
-    sums.sync_all().map_err(io_err(&sums_tmp, "syncing"))?;
-    drop(sums);
-    fsutil::fsync_file(&image_tmp)?;
-    let backup = super::commit_backup(
-        &dir,
-        &image_tmp,
-        &sums_tmp,
-        super::NewBackup {
-            id: id.clone(),
-            disk: disk.clone(),
-            kind: if opts.full { BackupKind::Full } else { BackupKind::Incremental },
-            time,
-            time_unix,
-            source: source_text(opts, &token),
-            bitmap: Some(bitmap.clone()),
-            parent: parent.as_ref().map(|p| p.manifest.id.clone()),
-            virtual_size: size,
-            bytes_read: bytes_job,
-            bytes_copied,
-            checksums,
-        },
-    )?;
-    // Committed: the safety bitmap's writes are in this backup now.
-    q.execute("block-dirty-bitmap-remove", json!({"node": opts.node, "name": safety}))
-        .map_err(qmp_err)?;
-    Ok(PushReport {
-        backup,
-        recovered: recovery.done,
-        removed,
-        job_time,
-        elapsed: started.elapsed(),
-    })
+/// The start of the names of a disk's push images in the scratch directory.
+fn image_prefix(disk: &str) -> String {
+    format!("push-{}-", disk_tag(disk))
+}
+
+/// Removes the push images of `disk` that interrupted backups left in `scratch` (under
+/// the disk's lock: no live backup of it has one).
+fn remove_leftover_images(scratch: &Path, disk: &str) -> Result<Vec<PathBuf>> {
+    let prefix = image_prefix(disk);
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(scratch) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(scratch, "listing")(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(scratch, "listing"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(".qcow2") {
+            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path(), "removing"))?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
 }
 
 /// Waits for the job's end; returns the bytes it reports copied (`offset`), or its
@@ -704,76 +736,4 @@ fn wait_job(q: &mut QmpClient, job: &str, progress: &dyn Progress) -> Result<u64
             reported = reported.max(done);
         }
     }
-}
-
-/// Writes the new image's `.sums` and returns the range checksums and the bytes of data
-/// clusters in the image. A full backup hashes every range with data; an incremental
-/// starts from the parent's `.sums` and rehashes only the leaves that the new image
-/// itself allocates (data or zero clusters: what the job wrote).
-fn hash_new_image(
-    image: &Qcow2Image,
-    image_path: &Path,
-    sums: &File,
-    sums_path: &Path,
-    parent: Option<&Backup>,
-    size: u64,
-    progress: &dyn Progress,
-) -> Result<(Vec<String>, u64)> {
-    let cs = image.cluster_size();
-    let clusters = size.div_ceil(cs);
-    let mut bytes_copied = 0u64;
-    let mut own = Vec::new();
-    for c in 0..clusters {
-        match image.map_cluster(c).map_err(img_err(image_path))? {
-            ClusterMapping::Unallocated => {}
-            m => {
-                if !matches!(m, ClusterMapping::Zero { .. }) {
-                    bytes_copied += cs.min(size - c * cs);
-                }
-                own.push(c);
-            }
-        }
-    }
-    let Some(parent) = parent else {
-        let mut w = std::io::BufWriter::new(sums);
-        let mut checksums = Vec::new();
-        progress.start("checksums", size);
-        for r in 0..hash::range_count(size) {
-            let leaves = hash::hash_image_range(image, image_path, r, progress, |_, _| Ok(()))?;
-            for l in &leaves {
-                w.write_all(l).map_err(io_err(sums_path, "writing block checksums"))?;
-            }
-            checksums.push(hash::hex(&hash::range_hash(&leaves)));
-        }
-        progress.finish();
-        w.flush().map_err(io_err(sums_path, "writing block checksums"))?;
-        return Ok((checksums, bytes_copied));
-    };
-    let mut src = File::open(&parent.sums_path).map_err(io_err(&parent.sums_path, "opening"))?;
-    std::io::copy(&mut src, &mut &*sums).map_err(io_err(sums_path, "copying block checksums"))?;
-    let mut leaves_touched = std::collections::BTreeSet::new();
-    for c in own {
-        let start = c * cs;
-        let end = (start + cs).min(size);
-        for l in (start / LEAF)..end.div_ceil(LEAF) {
-            leaves_touched.insert(l);
-        }
-    }
-    let mut ranges = std::collections::BTreeSet::new();
-    let mut buf = vec![0u8; LEAF as usize];
-    for &l in &leaves_touched {
-        let n = hash::leaf_len(size, l) as usize;
-        image.read_at(&mut buf[..n], l * LEAF).map_err(img_err(image_path))?;
-        sums.write_all_at(&hash::sha256(&buf[..n]), l * 32)
-            .map_err(io_err(sums_path, "writing block checksums"))?;
-        ranges.insert(l / hash::LEAVES_PER_RANGE);
-    }
-    let mut checksums = parent.manifest.checksums.clone();
-    for r in ranges {
-        let leaves = hash::read_range_leaves(sums, sums_path, size, r)?;
-        if let Some(c) = checksums.get_mut(r as usize) {
-            *c = hash::hex(&hash::range_hash(&leaves));
-        }
-    }
-    Ok((checksums, bytes_copied))
 }

@@ -1,24 +1,28 @@
-//! Restoring a disk: the chain up to a backup flattened into one raw or qcow2 image.
+//! Restoring a disk from the chunk store: chunks read, checked and written in parallel.
 //!
-//! Sparse: areas that read as zeroes are not written (holes in a raw file, unallocated
-//! clusters in a qcow2 image). Every range read is checked against the backup's
-//! recorded checksum before the output is put in place. The output is written under a
-//! temporary name beside the target and renamed at the end, so a failed restore leaves
-//! no partial file; an existing target is replaced only with `force`.
+//! To a new file (raw or qcow2): written under a temporary name beside the target and
+//! renamed at the end, so a failed restore leaves no partial file; zero chunks, and
+//! 64 KiB blocks of zeroes inside chunks, stay holes (raw) or unallocated clusters
+//! (qcow2). An existing file is replaced only with
+//! `force`. To a block device (`/dev/...`): written in place, zero chunks written as
+//! zeroes, the device node itself never replaced; it must be at least as large as the
+//! disk, and `force` is needed (its contents are overwritten).
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use ::repo::restore::{RestoreStats, RestoreTarget, restore as restore_chunks};
+use ::repo::{Backup, Progress, Repository};
 use qcow2::Qcow2Image;
 
-use super::hash;
-use super::{Backup, Progress, RepoError, Repository, Result, io_err};
+use super::{RepoError, Result, io_err};
 
 /// The format of a restored image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreFormat {
-    /// A raw (sparse) file.
+    /// A raw (sparse) file, or a block device.
     Raw,
     /// A qcow2 image without backing file.
     Qcow2,
@@ -30,13 +34,15 @@ pub struct RestoreOptions {
     /// The disk.
     pub disk: String,
     /// The backup (the newest when `None`).
-    pub at: Option<String>,
-    /// The output file.
+    pub at: Option<u64>,
+    /// The output file or block device.
     pub to: PathBuf,
     /// The output format.
     pub format: RestoreFormat,
-    /// Replace an existing output file.
+    /// Replace an existing output file, or overwrite a block device.
     pub force: bool,
+    /// Chunks read and written at once.
+    pub jobs: usize,
 }
 
 /// What a restore did.
@@ -44,26 +50,93 @@ pub struct RestoreOptions {
 pub struct RestoreReport {
     /// The backup restored.
     pub backup: Backup,
-    /// The chain read, full backup first (ids).
-    pub chain: Vec<String>,
-    /// Bytes of data written (zero areas are not written).
-    pub bytes_written: u64,
+    /// Chunks written, their bytes, and zero chunks.
+    pub stats: RestoreStats,
 }
 
-enum Output {
-    Raw(File),
-    Qcow2(Box<Qcow2Image>),
+/// A raw file or block device.
+struct RawTarget {
+    file: File,
+    path: PathBuf,
+    /// Zero chunks must be written (a device, whose old contents stay otherwise).
+    zero_fill: bool,
 }
 
-impl Output {
-    fn write(&self, data: &[u8], off: u64, path: &Path) -> Result<()> {
-        match self {
-            Output::Raw(f) => f.write_all_at(data, off).map_err(io_err(path, "writing")),
-            Output::Qcow2(img) => img
-                .write_at(data, off)
-                .map_err(|e| RepoError::Image { path: path.to_path_buf(), reason: e.to_string() }),
+/// Granularity of holes left in a restored file: 64 KiB blocks of zeroes inside a chunk
+/// are not written (into a new file, where they read as zeroes anyway).
+const HOLE: usize = 64 << 10;
+
+/// Calls `write` for each run of 64 KiB blocks of `data` that are not all zero.
+fn write_nonzero_runs(
+    data: &[u8],
+    offset: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut run_start = None;
+    for (i, block) in data.chunks(HOLE).enumerate() {
+        let zero = ::repo::chunk::is_zero(block);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i * HOLE),
+            (true, Some(start)) => {
+                write(&data[start..i * HOLE], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
         }
     }
+    match run_start {
+        Some(start) => write(&data[start..], offset + start as u64),
+        None => Ok(()),
+    }
+}
+
+impl RestoreTarget for RawTarget {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.zero_fill {
+            return self.file.write_all_at(data, offset);
+        }
+        write_nonzero_runs(data, offset, |run, at| self.file.write_all_at(run, at))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.zero_fill {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A new qcow2 image (reads as zeroes where nothing is written).
+struct Qcow2Target {
+    image: Qcow2Image,
+    path: PathBuf,
+}
+
+impl RestoreTarget for Qcow2Target {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        write_nonzero_runs(data, offset, |run, at| {
+            self.image.write_at(run, at).map_err(|e| io::Error::other(e.to_string()))
+        })
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false)
 }
 
 /// Restores backup `opts.at` of `opts.disk` to `opts.to`.
@@ -72,18 +145,18 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    let backup = repo.backup(&opts.disk, opts.at)?;
+    if is_block_device(&opts.to) {
+        return restore_to_device(repo, backup, opts, progress);
+    }
     if !opts.force && fs::symlink_metadata(&opts.to).is_ok() {
         return Err(RepoError::Invalid(format!(
             "{}: the file exists (use --force to replace it)",
             opts.to.display()
         )));
     }
-    let chain = repo.chain(&opts.disk, opts.at.as_deref())?;
-    let top = chain.last().cloned().ok_or_else(|| RepoError::Invalid("empty chain".into()))?;
-    let size = top.manifest.virtual_size;
-    let image = Qcow2Image::open_path(&top.image_path, false)
-        .map_err(|e| RepoError::Image { path: top.image_path.clone(), reason: e.to_string() })?;
-
+    let index = repo.read_index(&backup)?;
+    let size = index.meta.size;
     let dir = match opts.to.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -95,66 +168,38 @@ pub fn restore(
         .ok_or_else(|| RepoError::Invalid(format!("{}: not a file name", opts.to.display())))?;
     let tmp = dir.join(format!(".{name}.blockdelta-restore"));
     let _ = fs::remove_file(&tmp);
-    let result = (|| -> Result<u64> {
-        let out = match opts.format {
+    let image_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: qcow2::Qcow2Error| RepoError::Image { path, reason: e.to_string() }
+    };
+    let result = (|| -> Result<RestoreStats> {
+        match opts.format {
             RestoreFormat::Raw => {
-                let f = OpenOptions::new()
+                let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&tmp)
                     .map_err(io_err(&tmp, "creating"))?;
-                f.set_len(size).map_err(io_err(&tmp, "setting the length"))?;
-                Output::Raw(f)
+                file.set_len(size).map_err(io_err(&tmp, "setting the length"))?;
+                let target = RawTarget { file, path: tmp.clone(), zero_fill: false };
+                let stats = restore_chunks(repo, &index, &target, opts.jobs, progress)?;
+                target.file.sync_all().map_err(io_err(&tmp, "syncing"))?;
+                Ok(stats)
             }
             RestoreFormat::Qcow2 => {
                 qcow2::create::create_file(&tmp, qcow2::create::CreateOptions::new(size))
-                    .map_err(|e| RepoError::Image { path: tmp.clone(), reason: e.to_string() })?;
-                Output::Qcow2(Box::new(
-                    Qcow2Image::open_path(&tmp, true).map_err(|e| RepoError::Image {
-                        path: tmp.clone(),
-                        reason: e.to_string(),
-                    })?,
-                ))
-            }
-        };
-        let mut written = 0u64;
-        progress.start("restore", size);
-        for r in 0..hash::range_count(size) {
-            let leaves =
-                hash::hash_image_range(&image, &top.image_path, r, progress, |off, data| {
-                    // Only the 64 KiB blocks that hold data are written: the rest stays a hole.
-                    for (i, chunk) in data.chunks(hash::LEAF as usize).enumerate() {
-                        if !hash::is_zero(chunk) {
-                            out.write(chunk, off + i as u64 * hash::LEAF, &tmp)?;
-                            written += chunk.len() as u64;
-                        }
-                    }
-                    Ok(())
-                })?;
-            let computed = hash::hex(&hash::range_hash(&leaves));
-            let recorded = &top.manifest.checksums[r as usize];
-            if &computed != recorded {
-                return Err(RepoError::Checksum {
-                    path: first_bad_layer(&chain, r).unwrap_or_else(|| top.image_path.clone()),
-                    start: r * hash::RANGE,
-                    end: ((r + 1) * hash::RANGE).min(size),
-                    recorded: recorded.clone(),
-                    computed,
-                });
+                    .map_err(image_err(&tmp))?;
+                let image = Qcow2Image::open_path(&tmp, true).map_err(image_err(&tmp))?;
+                let target = Qcow2Target { image, path: tmp.clone() };
+                let stats = restore_chunks(repo, &index, &target, opts.jobs, progress)?;
+                target.image.close().map_err(image_err(&tmp))?;
+                super::fsutil::fsync_file(&tmp)?;
+                Ok(stats)
             }
         }
-        progress.finish();
-        match out {
-            Output::Raw(f) => f.sync_all().map_err(io_err(&tmp, "syncing"))?,
-            Output::Qcow2(img) => img
-                .close()
-                .map_err(|e| RepoError::Image { path: tmp.clone(), reason: e.to_string() })?,
-        }
-        super::fsutil::fsync_file(&tmp)?;
-        Ok(written)
     })();
-    let written = match result {
-        Ok(w) => w,
+    let stats = match result {
+        Ok(s) => s,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(e);
@@ -165,25 +210,44 @@ pub fn restore(
         return Err(e);
     }
     super::fsutil::fsync_dir(&dir)?;
-    Ok(RestoreReport {
-        chain: chain.iter().map(|b| b.manifest.id.clone()).collect(),
-        backup: top,
-        bytes_written: written,
-    })
+    Ok(RestoreReport { backup, stats })
 }
 
-/// The image of the oldest backup in `chain` whose range `r` no longer matches its own
-/// recorded checksum: where the damage is, when a restore through the chain finds a
-/// mismatch.
-fn first_bad_layer(chain: &[Backup], r: u64) -> Option<PathBuf> {
-    for b in chain {
-        let image = Qcow2Image::open_path(&b.image_path, false).ok()?;
-        let leaves =
-            hash::hash_image_range(&image, &b.image_path, r, &super::NoProgress, |_, _| Ok(()))
-                .ok()?;
-        if hash::hex(&hash::range_hash(&leaves)) != b.manifest.checksums[r as usize] {
-            return Some(b.image_path.clone());
-        }
+fn restore_to_device(
+    repo: &Repository,
+    backup: Backup,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let to = &opts.to;
+    if opts.format != RestoreFormat::Raw {
+        return Err(RepoError::Invalid(format!(
+            "{}: a block device takes the raw format",
+            to.display()
+        )));
     }
-    None
+    if !opts.force {
+        return Err(RepoError::Invalid(format!(
+            "{}: a block device: its contents would be overwritten (use --force)",
+            to.display()
+        )));
+    }
+    let file = OpenOptions::new().write(true).open(to).map_err(io_err(to, "opening"))?;
+    let device_size = {
+        use std::io::Seek;
+        let mut f = &file;
+        f.seek(io::SeekFrom::End(0)).map_err(io_err(to, "sizing"))?
+    };
+    if device_size < backup.meta.size {
+        return Err(RepoError::Invalid(format!(
+            "{}: the device has {device_size} bytes, the disk {}",
+            to.display(),
+            backup.meta.size
+        )));
+    }
+    let index = repo.read_index(&backup)?;
+    let target = RawTarget { file, path: to.clone(), zero_fill: true };
+    let stats = restore_chunks(repo, &index, &target, opts.jobs, progress)?;
+    target.file.sync_all().map_err(io_err(to, "syncing"))?;
+    Ok(RestoreReport { backup, stats })
 }

@@ -54,16 +54,8 @@ impl LocalBackend {
         if !meta.is_dir() {
             return Err(Error::Invalid(format!("{text}: the repository is not a directory")));
         }
-        for dir in [TMP_DIR, LOCK_DIR] {
-            let path = root.join(dir);
-            if !path.is_dir() {
-                fs::create_dir(&path)
-                    .or_else(
-                        |e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) },
-                    )
-                    .map_err(io_err(&path.display().to_string(), "creating"))?;
-            }
-        }
+        // `.tmp` and `.locks` are made when first needed: opening a directory that
+        // turns out not to be a repository changes nothing in it.
         Ok(LocalBackend { root: root.to_path_buf(), dirty_dirs: Mutex::new(BTreeSet::new()) })
     }
 
@@ -102,6 +94,28 @@ impl LocalBackend {
         Ok(())
     }
 
+    /// Opens a new file with `open`, making its directory (`.tmp` or `.locks`) first
+    /// when it is missing.
+    fn open_in_own_dir(
+        &self,
+        path: &Path,
+        open: impl Fn(&Path) -> io::Result<File>,
+    ) -> io::Result<File> {
+        match open(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    match fs::create_dir(dir) {
+                        Ok(()) => self.mark_dirty(&self.root),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                open(path)
+            }
+            r => r,
+        }
+    }
+
     fn temporary(&self) -> PathBuf {
         // One counter per process: several backends of one directory in one process
         // must not pick the same name.
@@ -120,7 +134,12 @@ impl LocalBackend {
         let dir = self.root.join(TMP_DIR);
         let text = dir.display().to_string();
         let mut removed = 0;
-        for entry in fs::read_dir(&dir).map_err(io_err(&text, "listing"))? {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&text, "listing")(e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(io_err(&text, "listing"))?;
             let Ok(meta) = entry.metadata() else { continue };
             if meta.modified().map(|m| m < before).unwrap_or(false)
@@ -215,10 +234,8 @@ impl Backend for LocalBackend {
         let tmp = self.temporary();
         let tmp_text = tmp.display().to_string();
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
+            let mut f = self
+                .open_in_own_dir(&tmp, |p| OpenOptions::new().write(true).create_new(true).open(p))
                 .map_err(io_err(&tmp_text, "creating"))?;
             f.write_all(data).map_err(io_err(&tmp_text, "writing"))?;
             f.sync_all().map_err(io_err(&tmp_text, "syncing"))?;
@@ -307,6 +324,18 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
+    fn remove_lock(&self, name: &str) -> Result<()> {
+        if !valid_key(name) || name.contains('/') {
+            return Err(Error::Invalid(format!("invalid lock name '{name}'")));
+        }
+        let path = self.root.join(LOCK_DIR).join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path.display().to_string(), "removing the lock")(e)),
+        }
+    }
+
     fn remove_leftovers(&self, before: SystemTime) -> Result<u64> {
         self.remove_stale_temporaries(before)
     }
@@ -322,12 +351,10 @@ impl Backend for LocalBackend {
         }
         let path = self.root.join(LOCK_DIR).join(name);
         let text = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let file = self
+            .open_in_own_dir(&path, |p| {
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p)
+            })
             .map_err(io_err(&text, "opening the lock"))?;
         let op = match (mode, wait) {
             (LockMode::Shared, LockWait::Block) => FlockOperation::LockShared,

@@ -65,7 +65,7 @@ pub enum LockWait {
 }
 
 /// A held lock; dropping it releases the lock.
-pub trait LockGuard: Send + Debug {}
+pub trait LockGuard: Send + Sync + Debug {}
 
 /// A place for a repository's objects.
 pub trait Backend: Send + Sync + Debug {
@@ -110,6 +110,13 @@ pub trait Backend: Send + Sync + Debug {
         mode: LockMode,
         wait: LockWait,
     ) -> Result<Option<Box<dyn LockGuard>>>;
+
+    /// Removes the lock `name`'s trace (a lock file), for locks whose names are never
+    /// used again; called while holding it. Backends without traces do nothing.
+    fn remove_lock(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 
     /// Removes what interrupted writes left behind (temporaries) that was last changed
     /// before `before`; returns how many. Backends without such leftovers do nothing.
