@@ -172,13 +172,24 @@ pub struct EncodedChunk {
     pub object: Vec<u8>,
 }
 
-/// Makes the object of a (non-zero) chunk: compressed with zstd at `level` when that
-/// makes it smaller, then sealed when the repository is encrypted.
+/// Makes the object of a (non-zero) chunk, naming it first (see [`encode_named`]).
+#[cfg(test)]
 pub(crate) fn encode(data: &[u8], sealer: &Sealer, level: i32) -> Result<EncodedChunk> {
+    encode_named(chunk_id(data, sealer.keys()), data, sealer, level)
+}
+
+/// Makes the object of the (non-zero) chunk `data`, whose name `id` (its [`chunk_id`])
+/// the caller computed: compressed with zstd at `level` when that makes it smaller, then
+/// sealed when the repository is encrypted.
+pub(crate) fn encode_named(
+    id: ChunkId,
+    data: &[u8],
+    sealer: &Sealer,
+    level: i32,
+) -> Result<EncodedChunk> {
     if data.len() as u64 > MAX_CHUNK_SIZE {
         return Err(Error::Invalid(format!("a chunk of {} bytes is too large", data.len())));
     }
-    let id = chunk_id(data, sealer.keys());
     let compressed = zstd::bulk::compress(data, level).ok().filter(|c| c.len() < data.len());
     let (compression, payload): (u8, &[u8]) = match &compressed {
         Some(c) => (1, c),

@@ -479,8 +479,14 @@ impl Repository {
     /// re-reads a chunk's time under the exclusive lock of its shard before deleting it.
     pub fn store_chunk(&self, data: &[u8]) -> Result<(ChunkId, Stored)> {
         let id = chunk::chunk_id(data, self.sealer.keys());
+        Ok((id, self.store_named(id, data)?))
+    }
+
+    /// [`store_chunk`](Repository::store_chunk) of `data` whose name `id` the caller
+    /// has computed already.
+    pub(crate) fn store_named(&self, id: ChunkId, data: &[u8]) -> Result<Stored> {
         if id.is_zero() {
-            return Ok((id, Stored::Zero));
+            return Ok(Stored::Zero);
         }
         let key = id.key();
         let _shard = self
@@ -488,13 +494,13 @@ impl Repository {
             .lock(&shard_lock(&id), LockMode::Shared, LockWait::Block)?
             .ok_or_else(|| Error::Invalid("a blocking lock returned nothing".into()))?;
         if self.backend.touch(&key)? {
-            return Ok((id, Stored::Existed));
+            return Ok(Stored::Existed);
         }
-        let encoded = chunk::encode(data, &self.sealer, self.config.compression_level)?;
+        let encoded = chunk::encode_named(id, data, &self.sealer, self.config.compression_level)?;
         let stored = encoded.object.len() as u64;
         Ok(match self.backend.create(&key, &encoded.object)? {
-            Created::New => (id, Stored::New(stored)),
-            Created::Existed => (id, Stored::Existed),
+            Created::New => Stored::New(stored),
+            Created::Existed => Stored::Existed,
         })
     }
 

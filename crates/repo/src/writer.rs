@@ -15,6 +15,7 @@
 //! index names: garbage that `gc` removes after its grace period. An index never names a
 //! chunk whose name is not durable.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -121,6 +122,10 @@ pub struct BackupWriter<'r> {
     chunk_size: u64,
     parent: Option<Index>,
     entries: Mutex<Vec<ChunkId>>,
+    /// Chunks this backup stored or renewed. No collection can delete them while it
+    /// runs (their times are at least its registration's), so a repeat needs no
+    /// second renewal.
+    held: Mutex<HashSet<ChunkId>>,
     counters: Counters,
     _registered: Registered<'r>,
     _disk_lock: DiskLock,
@@ -200,6 +205,7 @@ impl Repository {
             chunk_size,
             parent,
             entries: Mutex::new(entries),
+            held: Mutex::new(HashSet::new()),
             counters: Counters::default(),
             _registered: registered,
             _disk_lock: disk_lock,
@@ -256,14 +262,23 @@ impl BackupWriter<'_> {
                 self.plan.size
             )));
         }
-        let (id, stored) = self.repo.store_chunk(data)?;
+        let id = crate::chunk::chunk_id(data, self.repo.sealer().keys());
+        if !id.is_zero() && !self.held.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+            self.store(id, data)?;
+        }
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())[i as usize] = id;
+        Ok(id)
+    }
+
+    fn store(&self, id: ChunkId, data: &[u8]) -> Result<()> {
+        let stored = self.repo.store_named(id, data)?;
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
         if let Stored::New(bytes) = stored {
             self.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
             self.counters.new_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             self.counters.new_stored_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())[i as usize] = id;
-        Ok(id)
+        Ok(())
     }
 
     /// Counts `bytes` read from the source.
