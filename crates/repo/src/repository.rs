@@ -352,8 +352,14 @@ impl Repository {
     /// Every index object, grouped by disk directory, ids ascending. Objects under
     /// `backups/` that are not index keys are ignored.
     pub(crate) fn index_keys(&self) -> Result<BTreeMap<String, Vec<IndexObject>>> {
+        self.index_objects("backups")
+    }
+
+    /// [`index_keys`](Repository::index_keys) of the objects under `prefix` (`backups`,
+    /// or one disk's `backups/DIR`).
+    fn index_objects(&self, prefix: &str) -> Result<BTreeMap<String, Vec<IndexObject>>> {
         let mut by_dir: BTreeMap<String, Vec<IndexObject>> = BTreeMap::new();
-        for o in self.backend.list("backups")? {
+        for o in self.backend.list(prefix)? {
             let Some(rest) = o.key.strip_prefix("backups/") else { continue };
             let Some((dir, file)) = rest.split_once('/') else { continue };
             let Some(id) = file.strip_suffix(".idx").and_then(parse_id) else { continue };
@@ -408,7 +414,9 @@ impl Repository {
         let dir = self.disk_dir(disk)?;
         let mut ok = Vec::new();
         let mut errors = Vec::new();
-        for IndexObject { id, key, size } in self.index_keys()?.remove(&dir).unwrap_or_default() {
+        // Only this disk's directory is listed.
+        let mine = self.index_objects(&format!("backups/{dir}"))?.remove(&dir).unwrap_or_default();
+        for IndexObject { id, key, size } in mine {
             match self.read_meta(&key) {
                 Ok(meta) if meta.disk == disk && meta.id == id => {
                     ok.push(Backup { meta, key, index_bytes: size })

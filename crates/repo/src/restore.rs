@@ -38,33 +38,32 @@ pub fn restore(
 ) -> Result<RestoreStats> {
     let m = &index.meta;
     progress.start("restore", m.size);
-    let data = std::sync::atomic::AtomicU64::new(0);
-    let zero = std::sync::atomic::AtomicU64::new(0);
     let write_err = |action: &'static str| {
         let name = target.name();
         move |error| Error::Io { object: name, action, error }
     };
+    let len_of = |i: usize| index::chunk_len(m.size, m.chunk_size, i as u64);
     pool::for_each(jobs, index.entries.len(), |i| {
         let id = index.entries[i];
         let offset = i as u64 * m.chunk_size;
-        let len = index::chunk_len(m.size, m.chunk_size, i as u64);
         if id.is_zero() {
-            target.write_zeroes(offset, len).map_err(write_err("writing zeroes"))?;
-            zero.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            target.write_zeroes(offset, len_of(i)).map_err(write_err("writing zeroes"))?;
         } else {
-            let bytes = repo.read_chunk(id, len)?;
+            let bytes = repo.read_chunk(id, len_of(i))?;
             target.write_at(offset, &bytes).map_err(write_err("writing"))?;
-            data.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        progress.advance(len);
+        progress.advance(len_of(i));
         Ok(())
     })?;
     progress.finish();
-    let data_chunks = data.into_inner();
-    let zero_chunks = zero.into_inner();
-    let data_bytes = (0..index.entries.len() as u64)
-        .filter(|&i| !index.entries[i as usize].is_zero())
-        .map(|i| index::chunk_len(m.size, m.chunk_size, i))
-        .sum();
-    Ok(RestoreStats { data_chunks, data_bytes, zero_chunks })
+    let mut stats = RestoreStats::default();
+    for (i, id) in index.entries.iter().enumerate() {
+        if id.is_zero() {
+            stats.zero_chunks += 1;
+        } else {
+            stats.data_chunks += 1;
+            stats.data_bytes += len_of(i);
+        }
+    }
+    Ok(stats)
 }

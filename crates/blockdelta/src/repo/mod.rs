@@ -79,6 +79,16 @@ pub enum RepoError {
 /// A backup client's result.
 pub type Result<T> = std::result::Result<T, RepoError>;
 
+/// `disk` if it can name a disk in the repository, else the error saying how to name it.
+pub(crate) fn checked_disk(disk: String) -> Result<String> {
+    if ::repo::valid_disk_name(&disk) {
+        return Ok(disk);
+    }
+    Err(RepoError::Invalid(format!(
+        "invalid disk name '{disk}' (letters, digits, '.', '_', '-'; give --disk)"
+    )))
+}
+
 pub(crate) fn io_err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> RepoError {
     let path = path.to_path_buf();
     move |error| RepoError::Io { path, action, error }

@@ -104,12 +104,7 @@ fn disk_name(opts: &PullOptions, uri: &NbdUri) -> Result<String> {
         None if uri.export.is_empty() => "disk".to_owned(),
         None => uri.export.clone(),
     };
-    if !::repo::valid_disk_name(&disk) {
-        return Err(RepoError::Invalid(format!(
-            "invalid disk name '{disk}' (letters, digits, '.', '_', '-'; give --disk)"
-        )));
-    }
-    Ok(disk)
+    super::checked_disk(disk)
 }
 
 /// Connects, and checks the export against what the backup needs.

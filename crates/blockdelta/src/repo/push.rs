@@ -449,12 +449,7 @@ pub fn push_backup(
 ) -> Result<PushReport> {
     let started = Instant::now();
     let time = Timestamp::from_system(SystemTime::now());
-    let disk = opts.disk.clone().unwrap_or_else(|| opts.node.clone());
-    if !::repo::valid_disk_name(&disk) {
-        return Err(RepoError::Invalid(format!(
-            "invalid disk name '{disk}' (letters, digits, '.', '_', '-'; give --disk)"
-        )));
-    }
+    let disk = super::checked_disk(opts.disk.clone().unwrap_or_else(|| opts.node.clone()))?;
     let bitmap = opts.bitmap.clone().unwrap_or_else(|| DEFAULT_BITMAP.to_owned());
     if bitmap.is_empty() || bitmap.starts_with(PENDING_PREFIX) {
         return Err(RepoError::Invalid(format!("invalid bitmap name '{bitmap}'")));

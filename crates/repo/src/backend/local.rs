@@ -71,6 +71,27 @@ impl LocalBackend {
         Ok(self.root.join(key))
     }
 
+    /// Object `key` opened for reading, and its length; [`Error::Missing`] when absent.
+    fn open_object(&self, key: &str) -> Result<(File, u64)> {
+        let file = match File::open(self.path(key)?) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Missing { object: key.to_owned() });
+            }
+            Err(e) => return Err(io_err(key, "opening")(e)),
+        };
+        let len = file.metadata().map_err(io_err(key, "stat"))?.len();
+        Ok((file, len))
+    }
+
+    /// The file of lock `name` (a single valid key part).
+    fn lock_path(&self, name: &str) -> Result<PathBuf> {
+        if !valid_key(name) || name.contains('/') {
+            return Err(Error::Invalid(format!("invalid lock name '{name}'")));
+        }
+        Ok(self.root.join(LOCK_DIR).join(name))
+    }
+
     fn mark_dirty(&self, dir: &Path) {
         self.dirty_dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf());
     }
@@ -192,15 +213,7 @@ impl Backend for LocalBackend {
     }
 
     fn read(&self, key: &str, limit: u64) -> Result<Vec<u8>> {
-        let path = self.path(key)?;
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::Missing { object: key.to_owned() });
-            }
-            Err(e) => return Err(io_err(key, "opening")(e)),
-        };
-        let len = file.metadata().map_err(io_err(key, "stat"))?.len();
+        let (file, len) = self.open_object(key)?;
         if len > limit {
             return Err(corrupt(key, format!("{len} bytes, more than the {limit} it can have")));
         }
@@ -214,15 +227,7 @@ impl Backend for LocalBackend {
 
     fn read_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let path = self.path(key)?;
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::Missing { object: key.to_owned() });
-            }
-            Err(e) => return Err(io_err(key, "opening")(e)),
-        };
-        let size = file.metadata().map_err(io_err(key, "stat"))?.len();
+        let (file, size) = self.open_object(key)?;
         let len = len.min(size.saturating_sub(offset));
         let mut data = vec![0u8; len as usize];
         file.read_exact_at(&mut data, offset).map_err(io_err(key, "reading"))?;
@@ -330,10 +335,7 @@ impl Backend for LocalBackend {
     }
 
     fn remove_lock(&self, name: &str) -> Result<()> {
-        if !valid_key(name) || name.contains('/') {
-            return Err(Error::Invalid(format!("invalid lock name '{name}'")));
-        }
-        let path = self.root.join(LOCK_DIR).join(name);
+        let path = self.lock_path(name)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -351,10 +353,7 @@ impl Backend for LocalBackend {
         mode: LockMode,
         wait: LockWait,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        if !valid_key(name) || name.contains('/') {
-            return Err(Error::Invalid(format!("invalid lock name '{name}'")));
-        }
-        let path = self.root.join(LOCK_DIR).join(name);
+        let path = self.lock_path(name)?;
         let text = path.display().to_string();
         let file = self
             .open_in_own_dir(&path, |p| {
