@@ -568,3 +568,16 @@ fn ingest_builds_chunks_from_pieces_in_any_order() {
 fn plan_of_size(disk: &str, size: u64, basis: Basis) -> BackupPlan {
     BackupPlan { size, basis, ..plan_of(disk) }
 }
+
+#[test]
+fn an_incremental_of_a_resized_disk_is_refused() {
+    let backend = Arc::new(MemoryBackend::new());
+    let repo = Repository::create(backend.clone(), options(None)).unwrap();
+    let d = Disk::new(4, 8);
+    let one = backup(&repo, "d", &d, None).unwrap();
+    let before = backend.list("").unwrap().len();
+    let grown = plan_of_size("d", d.0.len() as u64 + CHUNK, Basis::Incremental { parent: one });
+    let err = repo.begin_backup(grown).unwrap_err().to_string();
+    assert!(err.contains("take a full backup"), "{err}");
+    assert_eq!(backend.list("").unwrap().len(), before, "a refused backup stores nothing");
+}

@@ -209,19 +209,7 @@ pub fn pull_backup(
         .map_err(|e| RepoError::Invalid(format!("starting the NBD client: {e}")))?;
     let (mut client, walk_id) = rt.block_on(connect(opts, &uri))?;
     let size = client.size();
-    if let Some(p) = &parent
-        && p.meta.size != size
-    {
-        return Err(source_err(
-            &opts.uri,
-            format!(
-                "disk size {size} differs from the previous backup's {} (backup {}): take a full \
-                 backup (--full)",
-                p.meta.size,
-                ::repo::format_id(p.meta.id)
-            ),
-        ));
-    }
+    // A size that differs from the parent's is refused by the writer.
     let basis = match &parent {
         None => Basis::Full,
         Some(p) => Basis::Incremental { parent: p.meta.id },

@@ -475,15 +475,7 @@ pub fn push_backup(
     if size > qcow2::create::MAX_VIRTUAL_SIZE || !size.is_multiple_of(512) {
         return Err(RepoError::Invalid(format!("unsupported disk size {size}")));
     }
-    if let Some(p) = &parent
-        && p.meta.size != size
-    {
-        return Err(RepoError::Invalid(format!(
-            "disk size {size} differs from the previous backup's {} (backup {}): take a full backup (--full)",
-            p.meta.size,
-            format_id(p.meta.id)
-        )));
-    }
+    // A size that differs from the parent's is refused by the writer.
     let bitmaps = bitmaps_of(&record);
     let existing = bitmaps.iter().find(|b| b.name == bitmap).cloned();
     let persistent = record["drv"] == "qcow2" && record["ro"] != true;
