@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common_backup::{Model, Pair, Setup, create_qcow2, matches};
-use testkit::serde_json::json;
+use testkit::serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
@@ -145,4 +145,37 @@ fn concurrent_backups_of_one_source_each_keep_their_instant() {
         model.save(&dir.join("now.raw"));
         assert!(matches(&dir.join("src.qcow2"), None, &dir.join("now.raw")), "{kind}: source");
     }
+}
+
+/// `cache.no-flush` on a format node reaches its file node, as in QEMU: a push
+/// backup's scratch image is added so, and without it closing the image would flush
+/// the file (writing the whole image to the disk for nothing).
+#[test]
+fn a_file_node_inherits_no_flush_from_its_format_node() {
+    let root = tempfile::tempdir().unwrap();
+    let setup = Setup { blockdevs: Vec::new(), exports: Vec::new() };
+    let mut pair =
+        Pair::start(root.path(), |dir| create_qcow2(&dir.join("s.qcow2"), "1M", None), &setup);
+    let caches: Vec<Value> = pair
+        .sides
+        .iter_mut()
+        .map(|s| {
+            let file = s.dir.join("s.qcow2");
+            let add = s.reply(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "s", "cache": {"no-flush": true},
+                       "file": {"driver": "file", "node-name": "sf", "filename": file}}),
+            );
+            assert!(add.get("return").is_some(), "{:?}: {add}", s.kind);
+            let nodes = s.reply("query-named-block-nodes", json!({}));
+            let node = |name: &str| {
+                nodes["return"].as_array().unwrap().iter().find(|n| n["node-name"] == name).unwrap()
+                    ["cache"]
+                    .clone()
+            };
+            json!([node("s"), node("sf")])
+        })
+        .collect();
+    assert_eq!(caches[0], caches[1], "QEMU, then blockdelta");
+    assert_eq!(caches[1][1]["no-flush"], true, "{}", caches[1]);
 }

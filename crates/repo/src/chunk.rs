@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
@@ -137,10 +137,25 @@ impl Sealer {
         msg: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>> {
+        let mut out = msg.to_vec();
+        let tag = self.seal_in_place(nonce, &mut out, aad)?;
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Seals `buf` in place under `nonce` (fresh and random for every message); returns
+    /// the tag.
+    pub(crate) fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE],
+        buf: &mut [u8],
+        aad: &[u8],
+    ) -> Result<[u8; TAG]> {
         let cipher =
             self.cipher.as_ref().ok_or_else(|| Error::Invalid("sealing without a key".into()))?;
         cipher
-            .encrypt(XNonce::from_slice(nonce), Payload { msg, aad })
+            .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, buf)
+            .map(Into::into)
             .map_err(|_| Error::Invalid("sealing failed".into()))
     }
 
@@ -153,78 +168,173 @@ impl Sealer {
         ct: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>> {
+        if ct.len() < TAG {
+            return Err(corrupt(object, "too short to be sealed"));
+        }
+        let (body, tag) = ct.split_at(ct.len() - TAG);
+        let mut out = body.to_vec();
+        self.open_in_place(object, nonce, &mut out, tag, aad)?;
+        Ok(out)
+    }
+
+    /// Opens in place what [`seal_in_place`](Sealer::seal_in_place) sealed, or says that
+    /// `object` does not authenticate.
+    pub(crate) fn open_in_place(
+        &self,
+        object: &str,
+        nonce: &[u8],
+        buf: &mut [u8],
+        tag: &[u8],
+        aad: &[u8],
+    ) -> Result<()> {
         let cipher = self
             .cipher
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("{object}: sealed, and no key")))?;
+        if nonce.len() != NONCE || tag.len() != TAG {
+            return Err(corrupt(object, "bad nonce or tag length"));
+        }
         cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), aad, buf, tag.into())
             .map_err(|_| corrupt(object, "does not authenticate under the repository's key"))
     }
 }
 
+/// What reading a chunk checks besides its header and lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameCheck {
+    /// That the bytes have the name they are stored under, always (what `verify` does).
+    Always,
+    /// In an encrypted repository the seal alone: it covers the name, so bytes that
+    /// authenticate were sealed under that name by a holder of the key, and hashing them
+    /// again proves nothing more. Unencrypted, the name is the only check and is made.
+    UnlessSealed,
+}
+
+thread_local! {
+    /// Each thread's zstd contexts: making one costs more than compressing a small chunk.
+    static ZSTD: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, i32)>> =
+        const { std::cell::RefCell::new(None) };
+    static UNZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses `data` at `level` into `out` (replacing what it held) when that makes it
+/// smaller; `false` leaves `out` empty.
+fn compress(data: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    ZSTD.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(_, l)| *l != level) {
+            *cell = zstd::bulk::Compressor::new(level).ok().map(|c| (c, level));
+        }
+        let Some((compressor, _)) = cell.as_mut() else { return false };
+        out.clear();
+        // Room for one byte less than the input: output that would not be smaller fails.
+        out.reserve(data.len());
+        match compressor.compress_to_buffer(data, out) {
+            Ok(n) if n < data.len() => true,
+            _ => {
+                out.clear();
+                false
+            }
+        }
+    })
+}
+
+/// Bytes sampled per spot by [`looks_compressible`], and the spots.
+const SAMPLE: usize = 8 << 10;
+const SAMPLES: usize = 4;
+
+/// Whether compressing `data` is worth trying: a few spots spread over it are compressed
+/// first, and when they shrink by less than 3 % the chunk (random data, or already
+/// compressed) is stored as it is, which saves compressing it whole for nothing.
+fn looks_compressible(data: &[u8], level: i32, scratch: &mut Vec<u8>) -> bool {
+    if data.len() < SAMPLE * SAMPLES * 4 {
+        return true;
+    }
+    let step = (data.len() - SAMPLE) / (SAMPLES - 1);
+    let mut sampled = 0;
+    let mut packed = 0;
+    for k in 0..SAMPLES {
+        let spot = &data[k * step..k * step + SAMPLE];
+        sampled += SAMPLE;
+        packed += if compress(spot, level, scratch) { scratch.len() } else { SAMPLE };
+    }
+    packed * 100 < sampled * 97
+}
+
+/// Makes in `object` (replacing what it held) the object of the (non-zero) chunk `data`,
+/// whose name `id` (its [`chunk_id`]) the caller computed: compressed with zstd at
+/// `level` when that makes it smaller, then sealed when the repository is encrypted.
+/// `scratch` is a buffer for the compressed bytes; both are reused by callers that
+/// encode many chunks.
+pub(crate) fn encode_into(
+    id: ChunkId,
+    data: &[u8],
+    sealer: &Sealer,
+    level: i32,
+    object: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
+    if data.len() as u64 > MAX_CHUNK_SIZE {
+        return Err(Error::Invalid(format!("a chunk of {} bytes is too large", data.len())));
+    }
+    let compressed = looks_compressible(data, level, scratch) && compress(data, level, scratch);
+    let (compression, payload): (u8, &[u8]) = if compressed { (1, scratch) } else { (0, data) };
+    let sealed = sealer.sealed();
+    let payload_len = payload.len() + if sealed { TAG } else { 0 };
+    object.clear();
+    object.reserve(HEADER + NONCE + payload_len);
+    object.extend_from_slice(MAGIC);
+    object.extend_from_slice(&[VERSION, compression, u8::from(sealed), 0]);
+    object.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    object.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    if sealed {
+        // The associated data is the header with the nonce, and the name.
+        let mut nonce = [0u8; NONCE];
+        random(&mut nonce)?;
+        object.extend_from_slice(&nonce);
+        let mut aad = [0u8; HEADER + NONCE + 32];
+        aad[..HEADER + NONCE].copy_from_slice(object);
+        aad[HEADER + NONCE..].copy_from_slice(&id.0);
+        let start = object.len();
+        object.extend_from_slice(payload);
+        let tag = sealer.seal_in_place(&nonce, &mut object[start..], &aad)?;
+        object.extend_from_slice(&tag);
+    } else {
+        object.extend_from_slice(payload);
+    }
+    Ok(())
+}
+
 /// A chunk ready to store.
+#[cfg(test)]
 #[derive(Debug)]
-pub struct EncodedChunk {
+pub(crate) struct EncodedChunk {
     /// Its name.
     pub id: ChunkId,
     /// The object's bytes.
     pub object: Vec<u8>,
 }
 
-/// Makes the object of a (non-zero) chunk, naming it first (see [`encode_named`]).
+/// Makes the object of a (non-zero) chunk, naming it first (see [`encode_into`]).
 #[cfg(test)]
 pub(crate) fn encode(data: &[u8], sealer: &Sealer, level: i32) -> Result<EncodedChunk> {
-    encode_named(chunk_id(data, sealer.keys()), data, sealer, level)
-}
-
-/// Makes the object of the (non-zero) chunk `data`, whose name `id` (its [`chunk_id`])
-/// the caller computed: compressed with zstd at `level` when that makes it smaller, then
-/// sealed when the repository is encrypted.
-pub(crate) fn encode_named(
-    id: ChunkId,
-    data: &[u8],
-    sealer: &Sealer,
-    level: i32,
-) -> Result<EncodedChunk> {
-    if data.len() as u64 > MAX_CHUNK_SIZE {
-        return Err(Error::Invalid(format!("a chunk of {} bytes is too large", data.len())));
-    }
-    let compressed = zstd::bulk::compress(data, level).ok().filter(|c| c.len() < data.len());
-    let (compression, payload): (u8, &[u8]) = match &compressed {
-        Some(c) => (1, c),
-        None => (0, data),
-    };
-    let sealed = sealer.sealed();
-    let payload_len = payload.len() + if sealed { TAG } else { 0 };
-    let mut object = Vec::with_capacity(HEADER + NONCE + payload_len);
-    object.extend_from_slice(MAGIC);
-    object.extend_from_slice(&[VERSION, compression, u8::from(sealed), 0]);
-    object.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    object.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    if sealed {
-        // The nonce is chosen by seal(); the header it is bound to includes it, so the
-        // associated data is built once the nonce is known: header, nonce, name.
-        let mut nonce = [0u8; NONCE];
-        random(&mut nonce)?;
-        object.extend_from_slice(&nonce);
-        let mut aad = object.clone();
-        aad.extend_from_slice(&id.0);
-        let ct = sealer.seal_with_nonce(&nonce, payload, &aad)?;
-        object.extend_from_slice(&ct);
-    } else {
-        object.extend_from_slice(payload);
-    }
+    let id = chunk_id(data, sealer.keys());
+    let mut object = Vec::new();
+    encode_into(id, data, sealer, level, &mut object, &mut Vec::new())?;
     Ok(EncodedChunk { id, object })
 }
 
-/// The bytes of chunk `id` from its object, after checking everything (header, seal,
-/// length `want_len` when given, and that the bytes have the name `id`).
+/// The bytes of chunk `id` from its object, after checking it (header, seal, length
+/// `want_len` when given, and the name as `check` says). The object's buffer is reused
+/// for the bytes when they are stored uncompressed.
 pub(crate) fn decode(
     id: ChunkId,
-    object: &[u8],
+    mut object: Vec<u8>,
     sealer: &Sealer,
     want_len: Option<u64>,
+    check: NameCheck,
 ) -> Result<Vec<u8>> {
     let key = id.key();
     if object.len() < HEADER || &object[..4] != MAGIC {
@@ -256,38 +366,53 @@ pub(crate) fn decode(
         ));
     }
     let start = HEADER + if sealed { NONCE } else { 0 };
-    if object.len() != start + payload_len {
+    if object.len() != start + payload_len || (sealed && payload_len < TAG) {
         return Err(corrupt(
             &key,
             format!("{} bytes, the header says {}", object.len(), start + payload_len),
         ));
     }
-    let opened;
-    let payload: &[u8] = if sealed {
-        let mut aad = object[..start].to_vec();
-        aad.extend_from_slice(&id.0);
-        opened = sealer.open(&key, &object[HEADER..start], &object[start..], &aad)?;
-        &opened
-    } else {
-        &object[start..]
-    };
+    let mut end = object.len();
+    if sealed {
+        let mut aad = [0u8; HEADER + NONCE + 32];
+        aad[..start].copy_from_slice(&object[..start]);
+        aad[start..].copy_from_slice(&id.0);
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&object[HEADER..start]);
+        end -= TAG;
+        let (body, tag) = object[start..].split_at_mut(end - start);
+        sealer.open_in_place(&key, &nonce, body, tag, &aad)?;
+    }
     let data = if compression == 1 {
-        let d = zstd::bulk::decompress(payload, len as usize)
+        let mut d = Vec::with_capacity(len as usize);
+        let n = UNZSTD
+            .with(|cell| {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match cell.as_mut() {
+                    Some(decompressor) => {
+                        decompressor.decompress_to_buffer(&object[start..end], &mut d)
+                    }
+                    None => unreachable!(),
+                }
+            })
             .map_err(|e| corrupt(&key, format!("does not decompress: {e}")))?;
-        if d.len() as u64 != len {
-            return Err(corrupt(
-                &key,
-                format!("decompresses to {} bytes, the header says {len}", d.len()),
-            ));
+        if n as u64 != len {
+            return Err(corrupt(&key, format!("decompresses to {n} bytes, the header says {len}")));
         }
         d
     } else {
-        if payload.len() as u64 != len {
+        if (end - start) as u64 != len {
             return Err(corrupt(&key, "payload and header lengths differ"));
         }
-        payload.to_vec()
+        object.truncate(end);
+        object.drain(..start);
+        object
     };
-    if chunk_id(&data, sealer.keys()) != id {
+    let name_checked = check == NameCheck::Always || !sealed;
+    if name_checked && chunk_id(&data, sealer.keys()) != id {
         return Err(corrupt(&key, "its bytes do not have its name"));
     }
     Ok(data)
@@ -317,10 +442,32 @@ mod tests {
                 assert_eq!(c.id, chunk_id(data, sealer.keys()));
                 assert!(c.object.len() as u64 <= max_object_len(data.len() as u64));
                 assert_eq!(
-                    decode(c.id, &c.object, &sealer, Some(data.len() as u64)).unwrap(),
+                    decode(
+                        c.id,
+                        c.object.clone(),
+                        &sealer,
+                        Some(data.len() as u64),
+                        NameCheck::Always
+                    )
+                    .unwrap(),
                     data
                 );
             }
+        }
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_as_they_are() {
+        let sealer = Sealer::new(None);
+        let mut random_bytes = vec![0u8; 1 << 20];
+        random(&mut random_bytes).unwrap();
+        let mut half = random_bytes.clone();
+        half[..512 << 10].fill(0);
+        for (data, compressed) in [(&random_bytes, false), (&half, true)] {
+            let c = encode(data, &sealer, 3).unwrap();
+            assert_eq!(c.object[5], u8::from(compressed));
+            let back = decode(c.id, c.object, &sealer, None, NameCheck::Always).unwrap();
+            assert_eq!(&back, data);
         }
     }
 
@@ -332,12 +479,37 @@ mod tests {
             for i in 0..c.object.len() {
                 let mut bad = c.object.clone();
                 bad[i] ^= 0x40;
-                assert!(decode(c.id, &bad, &sealer, None).is_err(), "byte {i} flipped went unseen");
+                for check in [NameCheck::Always, NameCheck::UnlessSealed] {
+                    assert!(
+                        decode(c.id, bad.clone(), &sealer, None, check).is_err(),
+                        "byte {i} flipped went unseen"
+                    );
+                }
             }
-            assert!(decode(c.id, &c.object[..c.object.len() - 1], &sealer, None).is_err());
+            assert!(
+                decode(
+                    c.id,
+                    c.object[..c.object.len() - 1].to_vec(),
+                    &sealer,
+                    None,
+                    NameCheck::Always
+                )
+                .is_err()
+            );
             let other = ChunkId([1; 32]);
-            assert!(decode(other, &c.object, &sealer, None).is_err());
-            assert!(decode(c.id, &c.object, &sealer, Some(data.len() as u64 + 1)).is_err());
+            for check in [NameCheck::Always, NameCheck::UnlessSealed] {
+                assert!(decode(other, c.object.clone(), &sealer, None, check).is_err());
+            }
+            assert!(
+                decode(
+                    c.id,
+                    c.object.clone(),
+                    &sealer,
+                    Some(data.len() as u64 + 1),
+                    NameCheck::Always
+                )
+                .is_err()
+            );
         }
     }
 

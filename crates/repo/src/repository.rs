@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Created, LockGuard, LockMode, LockWait};
-use crate::chunk::{self, ChunkId, Sealer};
+use crate::backend::{Backend, Batch, Created, LockGuard, LockMode, LockWait};
+use crate::chunk::{self, ChunkId, NameCheck, Sealer};
 use crate::error::corrupt;
 use crate::index::{self, Index, IndexMeta};
 use crate::key::{Keys, hex, random};
@@ -156,6 +156,20 @@ pub enum Stored {
     Existed,
     /// Stored anew, this many bytes.
     New(u64),
+}
+
+/// The outcome of staging one chunk ([`Repository::stage_chunk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Staged {
+    /// All zero: nothing to store.
+    Zero,
+    /// It was in the repository already (its time renewed).
+    Existed,
+    /// Added to the batch, its object this many bytes.
+    Added {
+        /// The object's length.
+        stored: u64,
+    },
 }
 
 /// The lock of one disk ([`Repository::lock_disk`]); released when dropped.
@@ -470,13 +484,14 @@ impl Repository {
         Ok(index)
     }
 
-    /// The bytes of chunk `id`, which holds `len` bytes (zeroes for [`ChunkId::ZERO`]).
-    pub fn read_chunk(&self, id: ChunkId, len: u64) -> Result<Vec<u8>> {
+    /// The bytes of chunk `id`, which holds `len` bytes (zeroes for [`ChunkId::ZERO`]),
+    /// checked as `check` says.
+    pub fn read_chunk(&self, id: ChunkId, len: u64, check: NameCheck) -> Result<Vec<u8>> {
         if id.is_zero() {
             return Ok(vec![0; len as usize]);
         }
         let object = self.backend.read(&id.key(), chunk::max_object_len(len))?;
-        chunk::decode(id, &object, &self.sealer, Some(len))
+        chunk::decode(id, object, &self.sealer, Some(len), check)
     }
 
     /// Stores `data` as a chunk unless it is all zero or stored already; returns its name.
@@ -497,19 +512,82 @@ impl Repository {
             return Ok(Stored::Zero);
         }
         let key = id.key();
-        let _shard = self
-            .backend
-            .lock(&shard_lock(&id), LockMode::Shared, LockWait::Block)?
-            .ok_or_else(|| Error::Invalid("a blocking lock returned nothing".into()))?;
+        let _shard = self.shard_lock_shared(&id)?;
         if self.backend.touch(&key)? {
             return Ok(Stored::Existed);
         }
-        let encoded = chunk::encode_named(id, data, &self.sealer, self.config.compression_level)?;
-        let stored = encoded.object.len() as u64;
-        Ok(match self.backend.create(&key, &encoded.object)? {
-            Created::New => Stored::New(stored),
-            Created::Existed => Stored::Existed,
+        with_buffers(|object, scratch| {
+            let level = self.config.compression_level;
+            chunk::encode_into(id, data, &self.sealer, level, object, scratch)?;
+            let stored = object.len() as u64;
+            Ok(match self.backend.create(&key, object)? {
+                Created::New => Stored::New(stored),
+                Created::Existed => Stored::Existed,
+            })
         })
+    }
+
+    /// Adds chunk `data`, whose name `id` the caller computed, to `batch` unless it is
+    /// stored already (then its time is renewed, under the shared lock of its shard, as
+    /// [`store_chunk`](Repository::store_chunk) does). The chunk is stored once the batch
+    /// is published with [`publish_chunks`](Repository::publish_chunks).
+    pub(crate) fn stage_chunk(
+        &self,
+        id: ChunkId,
+        data: &[u8],
+        batch: &dyn Batch,
+    ) -> Result<Staged> {
+        if id.is_zero() {
+            return Ok(Staged::Zero);
+        }
+        let key = id.key();
+        {
+            let _shard = self.shard_lock_shared(&id)?;
+            if self.backend.touch(&key)? {
+                return Ok(Staged::Existed);
+            }
+        }
+        // Encoding happens outside the lock: a collection that runs meanwhile cannot
+        // remove a chunk that does not exist yet.
+        with_buffers(|object, scratch| {
+            let level = self.config.compression_level;
+            chunk::encode_into(id, data, &self.sealer, level, object, scratch)?;
+            batch.add(&key, object)?;
+            Ok(Staged::Added { stored: object.len() as u64 })
+        })
+    }
+
+    /// Publishes `batch`, whose chunks are `ids`, holding the shared locks of their
+    /// shards: a chunk found existing is renewed where no collection can be deleting it.
+    pub(crate) fn publish_chunks(
+        &self,
+        batch: &dyn Batch,
+        ids: impl Iterator<Item = ChunkId>,
+    ) -> Result<Vec<(ChunkId, Created)>> {
+        let shards: std::collections::BTreeSet<String> = ids.map(|id| shard_lock(&id)).collect();
+        let mut held = Vec::with_capacity(shards.len());
+        for name in &shards {
+            held.push(self.lock_shared(name)?);
+        }
+        let published = batch.publish()?;
+        published
+            .into_iter()
+            .map(|(key, created)| {
+                let id = ChunkId::from_key(&key)
+                    .ok_or_else(|| Error::Invalid(format!("'{key}' is not a chunk key")))?;
+                Ok((id, created))
+            })
+            .collect()
+    }
+
+    fn shard_lock_shared(&self, id: &ChunkId) -> Result<Box<dyn LockGuard>> {
+        self.lock_shared(&shard_lock(id))
+    }
+
+    fn lock_shared(&self, name: &str) -> Result<Box<dyn LockGuard>> {
+        self.backend
+            .lock(name, LockMode::Shared, LockWait::Block)?
+            .ok_or_else(|| Error::Invalid("a blocking lock returned nothing".into()))
     }
 
     /// Totals of the whole repository; reads every index (an index that cannot be read is
@@ -552,6 +630,19 @@ impl Repository {
 }
 
 /// The lock of the shard that holds chunk `id`.
+/// Runs `f` with this thread's object and compression buffers, reused: a fresh megabyte
+/// buffer per chunk costs its page faults every time.
+fn with_buffers<T>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>) -> Result<T>) -> Result<T> {
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    BUFFERS.with(|cell| {
+        let (object, scratch) = &mut *cell.borrow_mut();
+        f(object, scratch)
+    })
+}
+
 pub(crate) fn shard_lock(id: &ChunkId) -> String {
     format!("chunks-{}", &hex(&id.0[..1]))
 }

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::chunk::NameCheck;
 use crate::index::{self, Index};
 use crate::repository::Repository;
 use crate::{Error, Progress, Result, pool};
@@ -49,7 +50,7 @@ pub fn restore(
         if id.is_zero() {
             target.write_zeroes(offset, len_of(i)).map_err(write_err("writing zeroes"))?;
         } else {
-            let bytes = repo.read_chunk(id, len_of(i))?;
+            let bytes = repo.read_chunk(id, len_of(i), NameCheck::UnlessSealed)?;
             target.write_at(offset, &bytes).map_err(write_err("writing"))?;
         }
         progress.advance(len_of(i));

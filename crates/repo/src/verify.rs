@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::chunk::ChunkId;
+use crate::chunk::{ChunkId, NameCheck};
 use crate::index::{self, Index};
 use crate::repository::{Repository, format_id};
 use crate::{Error, Progress, Result, pool};
@@ -77,7 +77,7 @@ pub fn verify(
     let bad = Mutex::new(BTreeMap::new());
     pool::for_each::<Error>(jobs, list.len(), |i| {
         let (id, len) = list[i];
-        if let Err(e) = repo.read_chunk(id, len) {
+        if let Err(e) = repo.read_chunk(id, len, NameCheck::Always) {
             bad.lock().unwrap_or_else(|p| p.into_inner()).insert(id, e);
         }
         progress.advance(len);

@@ -8,24 +8,27 @@
 //!
 //! # Crash safety
 //!
-//! A backup exists once its index object exists. [`BackupWriter::commit`] syncs the
-//! backend (every chunk's name durable; contents are durable when created), then creates
-//! the index (write-once, durable content), then syncs again (its name). A crash
-//! before the index's name is durable loses the backup and leaves only chunks that no
-//! index names: garbage that `gc` removes after its grace period. An index never names a
-//! chunk whose name is not durable.
+//! A backup exists once its index object exists. New chunks go into a [`Batch`] of the
+//! backend, published (contents durable, then names) every [`BATCH_BYTES`] or
+//! [`BATCH_OBJECTS`] and at the end. [`BackupWriter::commit`] publishes the last batch,
+//! syncs the backend (every chunk's name durable, including the names of chunks found
+//! stored, which another process may have created and not yet synced), then creates the
+//! index (write-once, durable content), then syncs again (its name). A crash before the
+//! index's name is durable loses the backup and leaves only temporaries and chunks that
+//! no index names: garbage that `gc` removes after its grace period. An index never
+//! names a chunk whose name is not durable.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Created, LockGuard, LockMode, LockWait};
-use crate::chunk::ChunkId;
+use crate::backend::{Batch, Created, LockGuard, LockMode, LockWait};
+use crate::chunk::{ChunkId, NameCheck};
 use crate::index::{self, BackupKind, Index, IndexMeta};
 use crate::key::{hex, random};
-use crate::repository::{Backup, DiskLock, Repository, Stored, format_id};
+use crate::repository::{Backup, DiskLock, Repository, Staged, format_id};
 use crate::{Error, Result, Timestamp};
 
 /// What kind of backup, and from what.
@@ -105,6 +108,24 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// A batch is published when it holds this many bytes of objects...
+pub const BATCH_BYTES: u64 = 64 << 20;
+/// ...or this many objects (each holds a file open until then).
+pub const BATCH_OBJECTS: usize = 128;
+
+/// The batch being filled, with its chunks' lengths (plain and stored) for the
+/// counters.
+struct Staging<'r> {
+    batch: Box<dyn Batch + 'r>,
+    chunks: Mutex<HashMap<ChunkId, (u64, u64)>>,
+}
+
+impl<'r> Staging<'r> {
+    fn new(repo: &'r Repository) -> Staging<'r> {
+        Staging { batch: repo.backend().batch(), chunks: Mutex::new(HashMap::new()) }
+    }
+}
+
 /// What one backup stored.
 #[derive(Debug, Default)]
 struct Counters {
@@ -126,6 +147,9 @@ pub struct BackupWriter<'r> {
     /// runs (their times are at least its registration's), so a repeat needs no
     /// second renewal.
     held: Mutex<HashSet<ChunkId>>,
+    /// New chunks not published yet. Adding takes the read lock; swapping in a fresh
+    /// batch to publish the full one takes the write lock, so that no add is half done.
+    staging: RwLock<Staging<'r>>,
     counters: Counters,
     _registered: Registered<'r>,
     _disk_lock: DiskLock,
@@ -206,6 +230,7 @@ impl Repository {
             parent,
             entries: Mutex::new(entries),
             held: Mutex::new(HashSet::new()),
+            staging: RwLock::new(Staging::new(self)),
             counters: Counters::default(),
             _registered: registered,
             _disk_lock: disk_lock,
@@ -248,7 +273,7 @@ impl BackupWriter<'_> {
     pub fn parent_chunk(&self, i: u64) -> Result<Vec<u8>> {
         let len = self.chunk_len(i);
         match &self.parent {
-            Some(p) => self.repo.read_chunk(p.entries[i as usize], len),
+            Some(p) => self.repo.read_chunk(p.entries[i as usize], len, NameCheck::UnlessSealed),
             None => Ok(vec![0; len as usize]),
         }
     }
@@ -271,12 +296,39 @@ impl BackupWriter<'_> {
     }
 
     fn store(&self, id: ChunkId, data: &[u8]) -> Result<()> {
-        let stored = self.repo.store_named(id, data)?;
+        let full = {
+            let staging = self.staging.read().unwrap_or_else(|e| e.into_inner());
+            match self.repo.stage_chunk(id, data, &*staging.batch)? {
+                Staged::Zero | Staged::Existed => false,
+                Staged::Added { stored } => {
+                    let mut chunks = staging.chunks.lock().unwrap_or_else(|e| e.into_inner());
+                    chunks.insert(id, (data.len() as u64, stored));
+                    let (objects, bytes) = staging.batch.pending();
+                    objects >= BATCH_OBJECTS || bytes >= BATCH_BYTES
+                }
+            }
+        };
         self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-        if let Stored::New(bytes) = stored {
-            self.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
-            self.counters.new_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            self.counters.new_stored_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if full {
+            self.publish_staged()?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the chunks staged so far and counts the new ones.
+    fn publish_staged(&self) -> Result<()> {
+        let staging = {
+            let mut slot = self.staging.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *slot, Staging::new(self.repo))
+        };
+        let chunks = staging.chunks.into_inner().unwrap_or_else(|e| e.into_inner());
+        let published = self.repo.publish_chunks(&*staging.batch, chunks.keys().copied())?;
+        for (id, created) in published {
+            if let (Created::New, Some(&(plain, stored))) = (created, chunks.get(&id)) {
+                self.counters.new_chunks.fetch_add(1, Ordering::Relaxed);
+                self.counters.new_bytes.fetch_add(plain, Ordering::Relaxed);
+                self.counters.new_stored_bytes.fetch_add(stored, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -288,6 +340,7 @@ impl BackupWriter<'_> {
 
     /// Makes the backup exist (see the module's crash-safety argument) and returns it.
     pub fn commit(self) -> Result<Backup> {
+        self.publish_staged()?;
         let backend = self.repo.backend();
         backend.sync()?;
         let c = &self.counters;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use repo::assemble::ingest;
-use repo::backend::{Backend, CutMode, LocalBackend, MemoryBackend};
+use repo::backend::{Backend, Created, CutMode, LocalBackend, MemoryBackend};
 use repo::chunk::ChunkId;
 use repo::gc::{GcOptions, gc};
 use repo::key::Keys;
@@ -580,4 +580,39 @@ fn an_incremental_of_a_resized_disk_is_refused() {
     let err = repo.begin_backup(grown).unwrap_err().to_string();
     assert!(err.contains("take a full backup"), "{err}");
     assert_eq!(backend.list("").unwrap().len(), before, "a refused backup stores nothing");
+}
+
+#[test]
+fn a_batch_shows_nothing_until_published_and_leaves_nothing_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalBackend::open(dir.path()).unwrap();
+    let memory = MemoryBackend::new();
+    for backend in [&local as &dyn Backend, &memory] {
+        backend.create("objects/a", b"old").unwrap();
+        let batch = backend.batch();
+        batch.add("objects/a", b"new").unwrap();
+        batch.add("objects/b", b"bee").unwrap();
+        assert_eq!(batch.pending(), (2, 6));
+        assert!(backend.stat("objects/b").unwrap().is_none(), "visible before publish");
+        let mut published = batch.publish().unwrap();
+        published.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            published,
+            [("objects/a".to_owned(), Created::Existed), ("objects/b".to_owned(), Created::New)]
+        );
+        assert_eq!(backend.read("objects/a", 10).unwrap(), b"old", "an existing object changed");
+        assert_eq!(backend.read("objects/b", 10).unwrap(), b"bee");
+        assert_eq!(batch.pending(), (0, 0));
+
+        let dropped = backend.batch();
+        dropped.add("objects/c", b"sea").unwrap();
+        drop(dropped);
+        assert!(backend.stat("objects/c").unwrap().is_none());
+        assert!(dropped_nothing(dir.path()), "a temporary outlived its batch");
+        assert!(backend.batch().add("../escape", b"x").is_err());
+    }
+}
+
+fn dropped_nothing(root: &std::path::Path) -> bool {
+    std::fs::read_dir(root.join(".tmp")).map(|d| d.count() == 0).unwrap_or(true)
 }

@@ -294,8 +294,11 @@ impl BlockGraph {
                 let backing = r.take_value("backing");
                 let backing_path = r.path("backing");
                 r.finish()?;
-                let inherit =
-                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let inherit = Inherited {
+                    read_only: Some(options.read_only),
+                    direct: Some(direct),
+                    no_flush: Some(options.no_flush),
+                };
                 let file = self.child(file, &file_path, syntax, inherit)?;
                 let mut children = vec![file.clone()];
                 let backing = match backing {
@@ -303,7 +306,11 @@ impl BlockGraph {
                     Some(Value::Null) => Backing::None,
                     Some(Value::String(name)) if name.is_empty() => Backing::None,
                     Some(value) => {
-                        let read_only = Inherited { read_only: Some(true), direct: Some(direct) };
+                        let read_only = Inherited {
+                            read_only: Some(true),
+                            direct: Some(direct),
+                            no_flush: Some(options.no_flush),
+                        };
                         let node = self.child(value, &backing_path, syntax, read_only)?;
                         children.push(node.clone());
                         Backing::Node(node)
@@ -317,8 +324,11 @@ impl BlockGraph {
                 let image_path = r.path("image");
                 let (config, image) = blkdebug::parse_options(&mut r)?;
                 r.finish()?;
-                let inherit =
-                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let inherit = Inherited {
+                    read_only: Some(options.read_only),
+                    direct: Some(direct),
+                    no_flush: Some(options.no_flush),
+                };
                 let image = self.child(image, &image_path, syntax, inherit)?;
                 blkdebug::check_align(config.align).map_err(GraphError::Driver)?;
                 (Box::new(BlkdebugDriver::new(image.clone(), config)), vec![image])
@@ -330,8 +340,11 @@ impl BlockGraph {
                     r.take_value("file").ok_or_else(|| OptionsError::Missing(r.path("file")))?;
                 let file_path = r.path("file");
                 r.finish()?;
-                let inherit =
-                    Inherited { read_only: Some(options.read_only), direct: Some(direct) };
+                let inherit = Inherited {
+                    read_only: Some(options.read_only),
+                    direct: Some(direct),
+                    no_flush: Some(options.no_flush),
+                };
                 let file = self.child(file, &file_path, syntax, inherit)?;
                 let driver =
                     RawDriver::new(file.clone(), offset, size).map_err(GraphError::Driver)?;
@@ -368,6 +381,9 @@ impl BlockGraph {
 struct Inherited {
     read_only: Option<bool>,
     direct: Option<bool>,
+    /// `cache.no-flush`, which children inherit as QEMU's do: a format node that skips
+    /// flushes over a file node that makes them would still flush when closed.
+    no_flush: Option<bool>,
 }
 
 /// The options every driver takes, and whether `cache.direct` asks for O_DIRECT.
@@ -392,11 +408,12 @@ fn common_options(
         )
         .into());
     }
-    let (mut no_flush, mut direct) = (false, inherited.direct.unwrap_or(false));
+    let (mut no_flush, mut direct) =
+        (inherited.no_flush.unwrap_or(false), inherited.direct.unwrap_or(false));
     if let Some(cache) = r.take_value("cache") {
         let mut c = OptionsReader::new(cache, &r.path("cache"), r.syntax())?;
         direct = c.take_bool("direct")?.unwrap_or(direct);
-        no_flush = c.take_bool("no-flush")?.unwrap_or(false);
+        no_flush = c.take_bool("no-flush")?.unwrap_or(no_flush);
         c.finish()?;
     }
     for ignored in ["auto-read-only", "force-share"] {

@@ -18,9 +18,9 @@
 //!    (`sync=full`, or `sync=incremental bitmap=NAME` with the default
 //!    `bitmap-mode=on-success`: on success NAME keeps exactly the writes made since the
 //!    job started, i.e. since this backup's point in time; on failure it is reclaimed).
-//! 4. Wait for `BLOCK_JOB_COMPLETED`; `blockdev-del` the target (the daemon flushes and
-//!    closes it); store the clusters the image allocates, each chunk completed from the
-//!    parent's ([`super::image_ingest`]); commit the index: only now does the backup
+//! 4. Wait for `BLOCK_JOB_COMPLETED`; `blockdev-del` the target (the daemon closes it;
+//!    it was added with `cache.no-flush`, as nothing needs it durable); store the
+//!    clusters the image allocates, each chunk completed from the parent's ([`super::image_ingest`]); commit the index: only now does the backup
 //!    exist. Remove the scratch image.
 //! 5. Remove the safety bitmap.
 //!
@@ -511,9 +511,13 @@ pub fn push_backup(
     // at the same backup id, cancelled by recovery, sends its `BLOCK_JOB_CANCELLED` on
     // this connection, and it must not be taken for this job's end.
     let job = format!("{}{id}-{token}", job_prefix(&disk));
+    // `cache.no-flush`: the image is read back once, from the page cache, and then
+    // deleted; nothing ever depends on it surviving a crash (recovery deletes an
+    // orphan image), so making it durable would only write it to the disk for nothing.
     if let Err(e) = q.execute(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": target, "backing": null,
+               "cache": {"no-flush": true},
                "file": {"driver": "file", "filename": image_tmp}}),
     ) {
         let _ = std::fs::remove_file(&image_tmp);

@@ -14,6 +14,13 @@
 //! name, never leave a name with partial content. A crash between the link and the
 //! removal of the temporary leaves a temporary, which
 //! [`remove_leftovers`](Backend::remove_leftovers) removes later.
+//!
+//! A [`Batch`] writes each object to its own temporary when it is added, and starts its
+//! writeback at once without waiting. [`Batch::publish`] then `fdatasync`s every
+//! temporary (by then mostly written: the flushes overlap, and the journal commits once
+//! for many files instead of once per file), and only after all of them links each to
+//! its name. So the argument above holds for batches too: a crash before publish leaves
+//! only temporaries, and a name appears only over durable content.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +32,7 @@ use std::time::SystemTime;
 
 use rustix::fs::{FlockOperation, flock};
 
-use super::{Backend, Created, LockGuard, LockMode, LockWait, ObjectInfo, valid_key};
+use super::{Backend, Batch, Created, LockGuard, LockMode, LockWait, ObjectInfo, valid_key};
 use crate::error::{corrupt, io_err};
 use crate::{Error, Result};
 
@@ -90,6 +97,25 @@ impl LocalBackend {
             return Err(Error::Invalid(format!("invalid lock name '{name}'")));
         }
         Ok(self.root.join(LOCK_DIR).join(name))
+    }
+
+    /// Gives the durable temporary `tmp` the name `key` (at `path`), or renews the object
+    /// that has it already.
+    fn link_or_renew(&self, tmp: &Path, key: &str, path: &Path) -> Result<Created> {
+        self.make_parents(path)?;
+        match fs::hard_link(tmp, path) {
+            Ok(()) => {
+                if let Some(parent) = path.parent() {
+                    self.mark_dirty(parent);
+                }
+                Ok(Created::New)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.touch(key)?;
+                Ok(Created::Existed)
+            }
+            Err(e) => Err(io_err(key, "linking")(e)),
+        }
     }
 
     fn mark_dirty(&self, dir: &Path) {
@@ -207,6 +233,78 @@ impl LocalBackend {
     }
 }
 
+/// An object of a [`LocalBatch`], written to its temporary; the temporary is removed
+/// when this is dropped (published or not).
+struct StagedFile {
+    key: String,
+    path: PathBuf,
+    tmp: PathBuf,
+    file: File,
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// The [`Batch`] of a [`LocalBackend`] (see the module's crash-safety argument).
+struct LocalBatch<'b> {
+    backend: &'b LocalBackend,
+    staged: Mutex<(Vec<StagedFile>, u64)>,
+}
+
+/// Starts the writeback of `file`'s dirty pages without waiting for it: the later
+/// fdatasync then finds them written or on their way.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments and acts on the open
+    // descriptor `file` owns; it is a hint here, so its result is ignored.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+impl Batch for LocalBatch<'_> {
+    fn add(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.backend.path(key)?;
+        let tmp = self.backend.temporary();
+        let tmp_text = tmp.display().to_string();
+        let file = self
+            .backend
+            .open_in_own_dir(&tmp, |p| OpenOptions::new().write(true).create_new(true).open(p))
+            .map_err(io_err(&tmp_text, "creating"))?;
+        // From here on, dropping `staged` removes the temporary.
+        let staged = StagedFile { key: key.to_owned(), path, tmp, file };
+        (&staged.file).write_all(data).map_err(io_err(&tmp_text, "writing"))?;
+        start_writeback(&staged.file);
+        let mut list = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        list.0.push(staged);
+        list.1 += data.len() as u64;
+        Ok(())
+    }
+
+    fn pending(&self) -> (usize, u64) {
+        let list = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        (list.0.len(), list.1)
+    }
+
+    fn publish(&self) -> Result<Vec<(String, Created)>> {
+        let (staged, _) =
+            std::mem::take(&mut *self.staged.lock().unwrap_or_else(|e| e.into_inner()));
+        // Every content durable before any name appears.
+        for s in &staged {
+            s.file.sync_data().map_err(io_err(&s.tmp.display().to_string(), "syncing"))?;
+        }
+        let mut out = Vec::with_capacity(staged.len());
+        for s in staged {
+            let created = self.backend.link_or_renew(&s.tmp, &s.key, &s.path)?;
+            out.push((s.key.clone(), created));
+        }
+        Ok(out)
+    }
+}
+
 impl Backend for LocalBackend {
     fn location(&self) -> String {
         self.root.display().to_string()
@@ -245,23 +343,14 @@ impl Backend for LocalBackend {
             f.write_all(data).map_err(io_err(&tmp_text, "writing"))?;
             f.sync_all().map_err(io_err(&tmp_text, "syncing"))?;
             drop(f);
-            self.make_parents(&path)?;
-            match fs::hard_link(&tmp, &path) {
-                Ok(()) => {
-                    if let Some(parent) = path.parent() {
-                        self.mark_dirty(parent);
-                    }
-                    Ok(Created::New)
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    self.touch(key)?;
-                    Ok(Created::Existed)
-                }
-                Err(e) => Err(io_err(key, "linking")(e)),
-            }
+            self.link_or_renew(&tmp, key, &path)
         })();
         let _ = fs::remove_file(&tmp);
         result
+    }
+
+    fn batch(&self) -> Box<dyn Batch + '_> {
+        Box::new(LocalBatch { backend: self, staged: Mutex::new((Vec::new(), 0)) })
     }
 
     fn delete(&self, key: &str) -> Result<bool> {
@@ -313,7 +402,13 @@ impl Backend for LocalBackend {
             last_modification: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
         };
         match rustix::fs::utimensat(rustix::fs::CWD, &path, &now, rustix::fs::AtFlags::empty()) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                // Its name may be another process's, not yet synced: ours covers it.
+                if let Some(parent) = path.parent() {
+                    self.mark_dirty(parent);
+                }
+                Ok(true)
+            }
             Err(rustix::io::Errno::NOENT) => Ok(false),
             Err(e) => Err(io_err(key, "touching")(e.into())),
         }

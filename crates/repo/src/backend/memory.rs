@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use super::{Backend, Created, LockGuard, LockMode, LockWait, ObjectInfo, valid_key};
+use super::{
+    Backend, Batch, BufferedBatch, Created, LockGuard, LockMode, LockWait, ObjectInfo, valid_key,
+};
 use crate::error::corrupt;
 use crate::{Error, Result};
 
@@ -228,6 +230,10 @@ impl Backend for MemoryBackend {
         }
         st.now.insert(key.to_owned(), Object { data: Arc::new(data.to_vec()), modified: now });
         Ok(Created::New)
+    }
+
+    fn batch(&self) -> Box<dyn Batch + '_> {
+        Box::new(BufferedBatch::new(self))
     }
 
     fn delete(&self, key: &str) -> Result<bool> {

@@ -10,16 +10,24 @@
 //! *name* (and a deletion) is durable after the next [`Backend::sync`]. A caller that
 //! makes one object depend on others (an index on its chunks) syncs between them.
 //!
+//! Many objects at once go through a [`Batch`]: each is written when added, but neither
+//! durable nor visible; [`Batch::publish`] makes all of their contents durable together,
+//! and only then gives them their names. A name therefore never shows content that is
+//! not durable, as with `create`, at the cost of one flush per batch instead of one per
+//! object.
+//!
 //! Locks ([`Backend::lock`]) are advisory and held by the returned guard; a process that
 //! dies loses its locks. The garbage collector also needs each object's modification
 //! time and a way to renew it ([`Backend::touch`]).
 
+mod batch;
 mod local;
 mod memory;
 
 use std::fmt::Debug;
 use std::time::SystemTime;
 
+pub use batch::{Batch, BufferedBatch};
 pub use local::LocalBackend;
 pub use memory::{CutMode, MemoryBackend};
 
@@ -85,6 +93,10 @@ pub trait Backend: Send + Sync + Debug {
     /// durable when this returns; the name after the next [`sync`](Backend::sync).
     fn create(&self, key: &str, data: &[u8]) -> Result<Created>;
 
+    /// A new, empty batch of creations (see [`Batch`]). Backends without a cheaper way
+    /// return a [`BufferedBatch`], which keeps the objects in memory until published.
+    fn batch(&self) -> Box<dyn Batch + '_>;
+
     /// Removes object `key`; `false` when there was none. Durable after the next sync.
     fn delete(&self, key: &str) -> Result<bool>;
 
@@ -96,7 +108,8 @@ pub trait Backend: Send + Sync + Debug {
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>>;
 
     /// Renews the modification time of `key` to now; `false` when there is no such
-    /// object.
+    /// object. The object's name, which another process may have created and not yet
+    /// synced, is durable after the next [`sync`](Backend::sync) of this backend.
     fn touch(&self, key: &str) -> Result<bool>;
 
     /// Makes every name created or deleted so far durable.
