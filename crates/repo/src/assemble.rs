@@ -7,6 +7,9 @@
 //! the ranges cover the whole chunk), and stores completed chunks on a few threads
 //! while more arrive. A chunk no range touches keeps its base's name without being
 //! read. Memory: the chunks partly received, plus two per storing thread.
+//!
+//! The base is read by the storing threads, not the one taking pieces in, and a piece
+//! that is exactly one chunk becomes that chunk without a copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -15,11 +18,35 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use crate::writer::BackupWriter;
 use crate::{Error, Result};
 
-/// A chunk being filled: its bytes so far and how many announced bytes are still to
-/// come.
+/// A chunk being filled: its bytes so far, the byte ranges given (within the chunk),
+/// and how many announced bytes are still to come.
 struct Partial {
     data: Vec<u8>,
+    given: Vec<(usize, usize)>,
     missing: u64,
+    /// Whether the ranges leave parts of the chunk to take from its base.
+    needs_base: bool,
+}
+
+/// A chunk whose announced bytes have all come, for a storing thread.
+pub(crate) struct Completed {
+    index: u64,
+    data: Vec<u8>,
+    /// The ranges of `data` that came from the source, when the rest is the base's;
+    /// `None` when `data` is the whole chunk.
+    given: Option<Vec<(usize, usize)>>,
+}
+
+impl Completed {
+    /// The chunk's bytes: `data` where it was given, the base elsewhere.
+    fn into_bytes(self, writer: &BackupWriter<'_>) -> Result<Vec<u8>> {
+        let Some(given) = self.given else { return Ok(self.data) };
+        let mut base = writer.parent_chunk(self.index)?;
+        for (start, len) in given {
+            base[start..start + len].copy_from_slice(&self.data[start..start + len]);
+        }
+        Ok(base)
+    }
 }
 
 /// Assembles chunks from announced byte ranges (see the module docs).
@@ -60,10 +87,19 @@ impl<'w, 'r> Assembler<'w, 'r> {
     fn give(
         &mut self,
         off: u64,
-        data: &[u8],
-        done: &mut dyn FnMut(u64, Vec<u8>) -> Result<()>,
+        data: Vec<u8>,
+        done: &mut dyn FnMut(Completed) -> Result<()>,
     ) -> Result<()> {
         let cs = self.writer.chunk_size();
+        let i = off / cs;
+        if off == i * cs
+            && data.len() as u64 == self.writer.chunk_len(i)
+            && self.expected.get(&i) == Some(&(data.len() as u64))
+        {
+            // Exactly one whole chunk: it is the chunk.
+            self.expected.remove(&i);
+            return done(Completed { index: i, data, given: None });
+        }
         let mut at = 0usize;
         while at < data.len() {
             let pos = off + at as u64;
@@ -77,13 +113,14 @@ impl<'w, 'r> Assembler<'w, 'r> {
                         Error::Invalid(format!("bytes at {pos} were not announced (or came twice)"))
                     })?;
                     let len = self.writer.chunk_len(i);
-                    // A chunk wholly read needs no base.
-                    let data = if missing == len {
-                        vec![0; len as usize]
-                    } else {
-                        self.writer.parent_chunk(i)?
+                    let needs_base = missing != len && self.writer.parent().is_some();
+                    let partial = Partial {
+                        data: vec![0; len as usize],
+                        given: Vec::new(),
+                        missing,
+                        needs_base,
                     };
-                    self.started.entry(i).or_insert(Partial { data, missing })
+                    self.started.entry(i).or_insert(partial)
                 }
             };
             if within + n > part.data.len() || n as u64 > part.missing {
@@ -92,10 +129,12 @@ impl<'w, 'r> Assembler<'w, 'r> {
                 )));
             }
             part.data[within..within + n].copy_from_slice(&data[at..at + n]);
+            part.given.push((within, n));
             part.missing -= n as u64;
             if part.missing == 0 {
                 let p = self.started.remove(&i).unwrap_or_else(|| unreachable!());
-                done(i, p.data)?;
+                let given = p.needs_base.then_some(p.given);
+                done(Completed { index: i, data: p.data, given })?;
             }
             at += n;
         }
@@ -134,7 +173,7 @@ where
 {
     let mut assembler = Assembler::new(writer, ranges)?;
     let jobs = jobs.max(1);
-    let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(jobs);
+    let (tx, rx) = sync_channel::<Completed>(jobs);
     let rx = Mutex::new(rx);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -156,7 +195,7 @@ where
 fn feed<I>(
     assembler: &mut Assembler<'_, '_>,
     pieces: I,
-    tx: &SyncSender<(u64, Vec<u8>)>,
+    tx: &SyncSender<Completed>,
     failed: &Mutex<Option<Error>>,
 ) -> Result<()>
 where
@@ -169,8 +208,8 @@ where
             return Ok(());
         }
         let (off, data) = piece?;
-        assembler.give(off, &data, &mut |i, chunk| {
-            tx.send((i, chunk)).map_err(|_| Error::Invalid("the chunk writers stopped".into()))
+        assembler.give(off, data, &mut |chunk| {
+            tx.send(chunk).map_err(|_| Error::Invalid("the chunk writers stopped".into()))
         })?;
     }
     Ok(())
@@ -180,16 +219,17 @@ where
 /// only drains the channel, so that the feeder never blocks on a full one.
 fn store_worker(
     writer: &BackupWriter<'_>,
-    rx: &Mutex<Receiver<(u64, Vec<u8>)>>,
+    rx: &Mutex<Receiver<Completed>>,
     failed: &Mutex<Option<Error>>,
 ) {
     loop {
         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok((i, chunk)) = next else { return };
+        let Ok(chunk) = next else { return };
         if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
             continue;
         }
-        if let Err(e) = writer.put(i, &chunk) {
+        let index = chunk.index;
+        if let Err(e) = chunk.into_bytes(writer).and_then(|bytes| writer.put(index, &bytes)) {
             failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
         }
     }

@@ -15,8 +15,9 @@ use qcow2::l2::ClusterMapping;
 
 use super::{RepoError, Result};
 
-/// Largest piece read from the image at once.
-const PIECE: u64 = 4 << 20;
+/// Largest piece read from the image at once (a chunk larger than this is read in
+/// several).
+const MAX_PIECE: u64 = 4 << 20;
 
 /// Stores the clusters `image` allocates into `writer`, `jobs` chunks at a time; returns
 /// the bytes of its data clusters (zero clusters are stored as the zeroes they read as,
@@ -46,8 +47,16 @@ pub fn ingest_image(
             _ => ranges.push((off, len)),
         }
     }
-    let pieces = ranges.iter().flat_map(|&(off, len)| {
-        (0..len.div_ceil(PIECE)).map(move |k| (off + k * PIECE, PIECE.min(len - k * PIECE)))
+    // Pieces end at chunk boundaries: a piece that is a whole chunk becomes it without
+    // a copy.
+    let piece = writer.chunk_size().min(MAX_PIECE);
+    let pieces = ranges.iter().flat_map(move |&(off, len)| {
+        let end = off + len;
+        std::iter::successors(Some(off), move |&at| {
+            let next = (at / piece + 1) * piece;
+            (next < end).then_some(next)
+        })
+        .map(move |at| (at, ((at / piece + 1) * piece).min(end) - at))
     });
     let reads = pieces.map(|(off, len)| {
         let mut buf = vec![0u8; len as usize];
