@@ -179,3 +179,49 @@ fn a_file_node_inherits_no_flush_from_its_format_node() {
     assert_eq!(caches[0], caches[1], "QEMU, then blockdelta");
     assert_eq!(caches[1][1]["no-flush"], true, "{}", caches[1]);
 }
+
+/// `cache.no-flush` skips only the flush to the disk: closing a qcow2 node still
+/// writes its cached metadata into the file, or the image loses its mappings. This is
+/// push mode's scratch image: a backup job writes it, `blockdev-del` closes it, and
+/// another process reads it.
+#[test]
+fn a_no_flush_image_keeps_its_writes_when_closed() {
+    let root = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        blockdevs: vec![
+            "driver=file,node-name=f,filename={DIR}/d.qcow2".into(),
+            "driver=qcow2,node-name=d,file=f".into(),
+        ],
+        exports: vec![("d".into(), "d".into())],
+    };
+    let prepare = |dir: &Path| {
+        create_qcow2(&dir.join("d.qcow2"), "256M", None);
+        create_qcow2(&dir.join("t.qcow2"), "256M", None);
+    };
+    let mut pair = Pair::start(root.path(), prepare, &setup);
+    let mut model = Model::new(256 * MIB);
+    let writes: Vec<(u8, u64, u64)> =
+        (0..64u64).map(|k| (1 + k as u8, (k * 37 % 256) * MIB + 4096 * k, 64 * 1024)).collect();
+    pair.write("d", &mut model, &writes);
+    for s in &mut pair.sides {
+        let target = s.dir.join("t.qcow2");
+        let r = s.reply(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "t", "cache": {"no-flush": true},
+                   "file": {"driver": "file", "filename": target}}),
+        );
+        assert!(r.get("return").is_some(), "{:?}: {r}", s.kind);
+    }
+    pair.ok(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "d", "target": "t", "sync": "full"}),
+    );
+    pair.wait_job("j", &["concluded", "null"]);
+    pair.ok("blockdev-del", json!({"node-name": "t"}));
+    let reference = root.path().join("model.raw");
+    model.save(&reference);
+    for s in &pair.sides {
+        let target = s.dir.join("t.qcow2");
+        assert!(matches(&target, None, &reference), "{:?}: the image lost writes", s.kind);
+    }
+}

@@ -268,3 +268,34 @@ fn a_file_nodes_bitmap_sees_the_qcow2_nodes_writes_and_grows_with_the_file() {
         .unwrap();
     assert!(past_old_end, "the clusters the write allocated are not recorded");
 }
+
+/// A closed qcow2 node with `cache.no-flush` has written its metadata to the file even
+/// while a reference to it lives on (a finished job's): another program reading the
+/// file finds every write. `no-flush` skips only the flush to the disk.
+#[test]
+fn closing_a_no_flush_qcow2_node_writes_its_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "64M"]).unwrap();
+    let graph = BlockGraph::new();
+    let node = graph
+        .add_from_str(&format!(
+            "driver=qcow2,node-name=t,cache.no-flush=on,file.driver=file,file.filename={}",
+            path.display()
+        ))
+        .unwrap();
+    for k in 0..16u64 {
+        node.write_blocking(&[k as u8 + 1; 65536], k * 3 * MIB, false).unwrap();
+    }
+    // As blockdev-del does: out of the graph, and every removed node closed.
+    for removed in graph.remove("t", &[]).unwrap() {
+        removed.close().unwrap();
+    }
+    let image = qcow2::Qcow2Image::open_path(&path, false).unwrap();
+    for k in 0..16u64 {
+        let mut buf = vec![0u8; 65536];
+        image.read_at(&mut buf, k * 3 * MIB).unwrap();
+        assert!(buf.iter().all(|&b| b == k as u8 + 1), "write {k} is not in the file");
+    }
+    drop(node);
+}

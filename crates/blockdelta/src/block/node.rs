@@ -755,13 +755,20 @@ impl NodeIo<'_> {
     pub fn flush(&self) -> io::Result<()> {
         let node = self.node;
         let _req = self.enter();
-        if node.options.no_flush {
+        // `cache.no-flush` skips the flush to the disk only, as in QEMU: a format or
+        // filter node still writes what it caches (qcow2 metadata) to its children,
+        // whose own option then decides; a protocol node does nothing. Skipping a
+        // format node's flush altogether would leave an image whose cached mappings
+        // reach the file only when the node is dropped, after it was closed.
+        if node.options.no_flush && node.children.is_empty() {
             return Ok(());
         }
         // QEMU emits the flush events on the flushed node's first child.
         if let Some(child) = node.children.first() {
             child.debug_event(DebugEvent::FLUSH_TO_OS);
-            child.debug_event(DebugEvent::FLUSH_TO_DISK);
+            if !node.options.no_flush {
+                child.debug_event(DebugEvent::FLUSH_TO_DISK);
+            }
         }
         node.driver.flush()
     }
