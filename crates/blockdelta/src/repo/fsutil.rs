@@ -18,6 +18,19 @@ pub fn fsync_file(path: &Path) -> Result<()> {
     f.sync_all().map_err(io_err(path, "syncing the file"))
 }
 
+/// Starts writing `len` bytes of `file` at `offset` back to the disk without waiting:
+/// a restore's final fsync then finds most of it written, instead of writing the whole
+/// image only at the end. A hint: its failure changes nothing.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: sync_file_range reads only its integer arguments and acts on the open
+    // descriptor that `file` owns for the duration of the call.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Renames `from` to `to` (same directory).
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
     fs::rename(from, to).map_err(io_err(to, "renaming into place"))

@@ -96,9 +96,12 @@ impl RestoreTarget for RawTarget {
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         if self.zero_fill {
-            return self.file.write_all_at(data, offset);
+            self.file.write_all_at(data, offset)?;
+        } else {
+            write_nonzero_runs(data, offset, |run, at| self.file.write_all_at(run, at))?;
         }
-        write_nonzero_runs(data, offset, |run, at| self.file.write_all_at(run, at))
+        super::fsutil::start_writeback(&self.file, offset, data.len() as u64);
+        Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.zero_fill {
