@@ -523,3 +523,205 @@ fn killed_backups_never_leave_a_repository_verify_rejects() {
     drop(r);
     compare(&raw, "raw", &image);
 }
+
+/// Runs `args` and kills it after a random part of `typical`; whether the kill came
+/// before it ended.
+fn run_killed(args: &[&str], typical: Duration, rng: &mut SplitMix64) -> bool {
+    let mut child = bd().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_micros(rng.up_to(typical.as_micros() as u64 + 1)));
+    child.kill().unwrap();
+    !child.wait().unwrap().success()
+}
+
+/// How long `args` takes uninterrupted (it must succeed).
+fn timed_ok(args: &[&str]) -> Duration {
+    let t = Instant::now();
+    ok(run_bd(args));
+    t.elapsed()
+}
+
+/// `prune` and `gc` killed at random moments, 20 of each really interrupted, never leave
+/// a repository that `verify` rejects, and the backups that remain restore to the disk
+/// as it was. Each round adds a backup of changed data, so that every prune has a
+/// backup to drop and every gc has chunks to delete.
+#[test]
+fn killed_prunes_and_gcs_never_leave_a_repository_verify_rejects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("disk.qcow2");
+    let repo = dir.join("repo");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&image), "64M"]).unwrap();
+    let mut rng = SplitMix64(4242);
+    let prune = ["prune", "--repo", s(&repo), "--keep-last", "2"];
+    let gc = ["gc", "--repo", s(&repo), "--grace", "0"];
+    let (mut pruned, mut collected, mut round) = (0, 0, 0);
+    let mut copies: Vec<PathBuf> = Vec::new();
+    while (pruned < 20 || collected < 20) && round < 150 {
+        round += 1;
+        // New data in 16 places, then a full backup of it (its own chunks).
+        let cmds: Vec<String> = (0..16u64)
+            .map(|k| format!("write -P {} {} 256k", (round * 16 + k) % 250 + 1, k * 4 * MIB))
+            .collect();
+        qio(&image, &cmds);
+        {
+            let r = serve(Kind::Serve, dir, &image, None);
+            ok(run_bd(&["backup", "--from", &r.uri, "--repo", s(&repo), "--full", "-q"]));
+        }
+        let copy = dir.join(format!("disk-{round}.qcow2"));
+        std::fs::copy(&image, &copy).unwrap();
+        copies.push(copy);
+        if round < 3 {
+            continue;
+        }
+        // Measured on a copy, killed on the real one: the copy's run shows how long a
+        // prune or gc of this repository takes.
+        let probe = dir.join("probe");
+        let _ = std::fs::remove_dir_all(&probe);
+        ok(Command::new("cp").args(["-a", s(&repo), s(&probe)]).output().unwrap());
+        let on_probe = |a: &[&str]| -> Vec<String> {
+            a.iter()
+                .map(|x| if *x == s(&repo) { s(&probe).to_owned() } else { x.to_string() })
+                .collect()
+        };
+        let t_prune = timed_ok(&on_probe(&prune).iter().map(String::as_str).collect::<Vec<_>>());
+        let t_gc = timed_ok(&on_probe(&gc).iter().map(String::as_str).collect::<Vec<_>>());
+        if pruned < 20 && run_killed(&prune, t_prune, &mut rng) {
+            pruned += 1;
+        }
+        let out = run_bd(&["verify", "--repo", s(&repo)]);
+        assert!(
+            out.status.success(),
+            "round {round}, after a killed prune: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Whatever the kill left, a prune completes.
+        ok(run_bd(&prune));
+        if collected < 20 && run_killed(&gc, t_gc, &mut rng) {
+            collected += 1;
+        }
+        let out = run_bd(&["verify", "--repo", s(&repo)]);
+        assert!(
+            out.status.success(),
+            "round {round}, after a killed gc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(pruned >= 20 && collected >= 20, "interrupted {pruned} prunes, {collected} gcs");
+    // A gc to the end frees what the killed ones left; the kept backups (the last two)
+    // restore to the disk as it was at each.
+    ok(run_bd(&gc));
+    ok(run_bd(&["verify", "--repo", s(&repo)]));
+    let list: Value =
+        serde_json::from_str(&ok(run_bd(&["list", "--repo", s(&repo), "--json"]))).unwrap();
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2, "{list}");
+    for (b, copy) in backups.iter().zip(&copies[copies.len() - 2..]) {
+        let id = b["id"].as_str().unwrap();
+        let raw = dir.join(format!("restored-{id}.raw"));
+        ok(run_bd(&[
+            "restore",
+            "--repo",
+            s(&repo),
+            "--disk",
+            "disk0",
+            "--at",
+            id,
+            "--to",
+            s(&raw),
+            "-q",
+        ]));
+        compare(&raw, "raw", copy);
+    }
+}
+
+/// One byte flipped at a random place in any object, chunk or index, one object at a
+/// time: `verify` fails naming the object (and for a chunk every backup that uses it),
+/// and restoring an affected backup fails naming it too.
+#[test]
+fn a_flipped_byte_in_any_object_is_found_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_image, repo) = make_repo(tmp.path());
+    // Who uses which chunk, read with the library from the undamaged repository.
+    let users: BTreeMap<String, Vec<String>> = {
+        let backend = std::sync::Arc::new(repo::backend::LocalBackend::open(&repo).unwrap());
+        let r = repo::Repository::open(backend, None).unwrap();
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for b in r.backups("disk0").unwrap() {
+            for id in r.read_index(&b).unwrap().entries.iter().filter(|id| !id.is_zero()) {
+                let list = users.entry(id.to_string()).or_default();
+                let name = repo::format_id(b.meta.id);
+                if !list.contains(&name) {
+                    list.push(name);
+                }
+            }
+        }
+        users
+    };
+    let mut objects = Vec::new();
+    for sub in ["chunks", "backups"] {
+        files_under(&repo.join(sub), &mut objects);
+    }
+    assert!(objects.len() >= users.len() + 2, "{objects:?}");
+    let pristine = tmp.path().join("pristine");
+    ok(Command::new("cp").args(["-a", s(&repo), s(&pristine)]).output().unwrap());
+    let mut rng = SplitMix64(77);
+    for object in &objects {
+        std::fs::remove_dir_all(&repo).unwrap();
+        ok(Command::new("cp").args(["-a", s(&pristine), s(&repo)]).output().unwrap());
+        let key = object.strip_prefix(&repo).unwrap().to_str().unwrap().to_owned();
+        let mut bytes = std::fs::read(object).unwrap();
+        let at = (rng.next() % bytes.len() as u64) as usize;
+        bytes[at] ^= 1u8 << (rng.next() % 8);
+        std::fs::write(object, &bytes).unwrap();
+        let out = run_bd(&["verify", "--repo", s(&repo)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key} (byte {at}): verify found nothing");
+        assert!(err.contains(&key), "{key} (byte {at}): verify does not name it: {err}");
+        // The backups affected: a chunk's users, or the backup of a damaged index.
+        let affected: Vec<String> = match key.strip_prefix("backups/disk0/") {
+            Some(idx) => vec![idx.trim_end_matches(".idx").to_owned()],
+            None => {
+                let name = key.rsplit('/').next().unwrap();
+                let list = users.get(name).cloned().unwrap_or_default();
+                for id in &list {
+                    assert!(
+                        err.contains(&format!("disk0 {id}")),
+                        "{key}: verify does not name {id}: {err}"
+                    );
+                }
+                list
+            }
+        };
+        assert!(!affected.is_empty(), "{key}: no backup uses it");
+        for id in affected {
+            let raw = tmp.path().join("restored.raw");
+            let out = run_bd(&[
+                "restore",
+                "--repo",
+                s(&repo),
+                "--disk",
+                "disk0",
+                "--at",
+                &id,
+                "--to",
+                s(&raw),
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{key}: restore of {id} succeeded");
+            assert!(err.contains(&key), "{key}: restore of {id} does not name it: {err}");
+            assert!(!raw.exists(), "{key}: restore of {id} left a file");
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
