@@ -236,7 +236,17 @@ fn forget_prune_and_gc_free_what_no_backup_needs() {
     prune(&repo, "d", &KeepPolicy { last: 2, ..Default::default() }, PruneMode::Apply).unwrap();
     let left: Vec<u64> = repo.backups("d").unwrap().iter().map(|b| b.meta.id).collect();
     assert_eq!(left, [5, 6]);
+    // A dry run counts what a collection would remove and writes no object.
+    let objects = |b: &dyn Backend| {
+        let mut l: Vec<_> = b.list("").unwrap().into_iter().map(|o| (o.key, o.modified)).collect();
+        l.sort();
+        l
+    };
+    let untouched = objects(&*backend);
+    let dry = gc(&repo, &GcOptions { dry_run: true, ..Default::default() }, &NoProgress).unwrap();
+    assert_eq!(objects(&*backend), untouched, "a dry run changed the repository");
     let report = gc(&repo, &GcOptions::default(), &NoProgress).unwrap();
+    assert_eq!(dry.removed, report.removed, "dry run {dry:?}, then {report:?}");
     // Backups 5 and 6 no longer use the first versions of chunks 2, 3 and 4 (chunk 5
     // was zero, and backup 5 still has the first chunk 6).
     assert_eq!(report.removed, 3, "{report:?}");
