@@ -524,6 +524,16 @@ fn killed_backups_never_leave_a_repository_verify_rejects() {
     compare(&raw, "raw", &image);
 }
 
+/// `verify` accepts `repo`, or the test fails saying `when`.
+fn verified(repo: &Path, when: &str) {
+    let out = run_bd(&["verify", "--repo", s(repo)]);
+    assert!(
+        out.status.success(),
+        "{when}: verify failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `args` and kills it after a random part of `typical`; whether the kill came
 /// before it ended.
 fn run_killed(args: &[&str], typical: Duration, rng: &mut SplitMix64) -> bool {
@@ -588,23 +598,13 @@ fn killed_prunes_and_gcs_never_leave_a_repository_verify_rejects() {
         if pruned < 20 && run_killed(&prune, t_prune, &mut rng) {
             pruned += 1;
         }
-        let out = run_bd(&["verify", "--repo", s(&repo)]);
-        assert!(
-            out.status.success(),
-            "round {round}, after a killed prune: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        verified(&repo, &format!("round {round}, after a killed prune"));
         // Whatever the kill left, a prune completes.
         ok(run_bd(&prune));
         if collected < 20 && run_killed(&gc, t_gc, &mut rng) {
             collected += 1;
         }
-        let out = run_bd(&["verify", "--repo", s(&repo)]);
-        assert!(
-            out.status.success(),
-            "round {round}, after a killed gc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        verified(&repo, &format!("round {round}, after a killed gc"));
     }
     assert!(pruned >= 20 && collected >= 20, "interrupted {pruned} prunes, {collected} gcs");
     // A gc to the end frees what the killed ones left; the kept backups (the last two)

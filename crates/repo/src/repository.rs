@@ -498,38 +498,29 @@ impl Repository {
     ///
     /// Against the garbage collector: under the shared lock of the chunk's shard, an
     /// existing chunk's time is renewed (so a collection that started before cannot
-    /// find it old), or the chunk is created (new, so not old either). The collector
-    /// re-reads a chunk's time under the exclusive lock of its shard before deleting it.
+    /// find it old), or the chunk is created (new, so not old either) as a batch of one
+    /// ([`stage_chunk`](Repository::stage_chunk), then
+    /// [`publish_chunks`](Repository::publish_chunks)). The collector re-reads a chunk's
+    /// time under the exclusive lock of its shard before deleting it.
     pub fn store_chunk(&self, data: &[u8]) -> Result<(ChunkId, Stored)> {
         let id = chunk::chunk_id(data, self.sealer.keys());
-        Ok((id, self.store_named(id, data)?))
-    }
-
-    /// [`store_chunk`](Repository::store_chunk) of `data` whose name `id` the caller
-    /// has computed already.
-    pub(crate) fn store_named(&self, id: ChunkId, data: &[u8]) -> Result<Stored> {
-        if id.is_zero() {
-            return Ok(Stored::Zero);
-        }
-        let key = id.key();
-        let _shard = self.shard_lock_shared(&id)?;
-        if self.backend.touch(&key)? {
-            return Ok(Stored::Existed);
-        }
-        with_buffers(|object, scratch| {
-            let level = self.config.compression_level;
-            chunk::encode_into(id, data, &self.sealer, level, object, scratch)?;
-            let stored = object.len() as u64;
-            Ok(match self.backend.create(&key, object)? {
-                Created::New => Stored::New(stored),
-                Created::Existed => Stored::Existed,
-            })
-        })
+        let batch = self.backend.batch();
+        let stored = match self.stage_chunk(id, data, &*batch)? {
+            Staged::Zero => Stored::Zero,
+            Staged::Existed => Stored::Existed,
+            Staged::Added { stored } => {
+                match self.publish_chunks(&*batch, std::iter::once(id))?.as_slice() {
+                    [(_, Created::New)] => Stored::New(stored),
+                    _ => Stored::Existed,
+                }
+            }
+        };
+        Ok((id, stored))
     }
 
     /// Adds chunk `data`, whose name `id` the caller computed, to `batch` unless it is
-    /// stored already (then its time is renewed, under the shared lock of its shard, as
-    /// [`store_chunk`](Repository::store_chunk) does). The chunk is stored once the batch
+    /// stored already (then its time is renewed, under the shared lock of its shard).
+    /// The chunk is stored once the batch
     /// is published with [`publish_chunks`](Repository::publish_chunks).
     pub(crate) fn stage_chunk(
         &self,
