@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use blockdelta::repo::qmp_client::QmpClient;
+use qmp_client::QmpClient;
 use serde_json::Value;
 
 /// The arguments of `blockdelta qmp`.

@@ -4,14 +4,13 @@
 //! - [`pull`]: read an NBD export and its dirty bitmap (libvirt's and virtnbdbackup's
 //!   model);
 //! - [`push`]: have a daemon's `blockdev-backup` job copy the disk at one instant, over
-//!   QMP ([`qmp_client`]), then take its image in ([`image_ingest`]);
+//!   QMP (the `qmp-client` crate), then take its image in ([`image_ingest`]);
 //! - [`restore`]: a backup written to a new image or a block device.
 
 pub mod fsutil;
 pub mod image_ingest;
 pub mod pull;
 pub mod push;
-pub mod qmp_client;
 pub mod restore;
 
 use std::io;

@@ -102,8 +102,8 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::image_ingest::ingest_image;
-use super::qmp_client::{QmpClient, QmpClientError};
 use super::{RepoError, Result, io_err};
+use qmp_client::{Error as QmpClientError, QmpClient};
 
 /// The bitmap a push backup uses when none is named.
 pub const DEFAULT_BITMAP: &str = "blockdelta";
@@ -463,6 +463,8 @@ pub fn push_backup(
     // Everything below runs under the disk's lock, held by the writer to the end.
     let lock = repo.lock_disk(&disk)?;
     let mut q = QmpClient::connect(&opts.qmp, opts.timeout).map_err(qmp_err)?;
+    q.set_timeout(opts.timeout);
+    q.set_id_prefix(format!("blockdelta-{}", std::process::id()));
     let recovery = recover(&mut q, &opts.node, &disk, repo)?;
     let removed = remove_leftover_images(&opts.scratch, &disk)?;
 
