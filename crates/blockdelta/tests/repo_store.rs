@@ -481,3 +481,101 @@ fn identical_disks_are_stored_once() {
         assert_eq!(std::fs::read(&raw).unwrap(), bytes);
     }
 }
+
+/// Runs `blockdelta ARGS` on a terminal (`script(1)` gives it a pseudo-terminal, with no
+/// passphrase variable), typing each answer once its prompt has appeared; returns
+/// whether it succeeded and what the terminal showed.
+fn on_terminal(dir: &Path, args: &[&str], answers: &[&str]) -> (bool, String) {
+    use std::io::{Read, Write};
+    let program = bd().get_program().to_owned();
+    let line = std::iter::once(s(Path::new(&program)).to_owned())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new(require_tool("script"))
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(dir)
+        .env_remove("BLOCKDELTA_KEYFILE")
+        .env_remove("BLOCKDELTA_PASSPHRASE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let shown = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let shown = shown.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    for (i, answer) in answers.iter().enumerate() {
+        let start = Instant::now();
+        loop {
+            let text = shown.lock().unwrap().clone();
+            if text.matches("Passphrase for").count() + text.matches("Again: ").count() > i {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no prompt {i}: {text:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writeln!(stdin, "{answer}").unwrap();
+    }
+    let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
+    let text = shown.lock().unwrap().clone();
+    (status.success(), text)
+}
+
+#[test]
+fn a_passphrase_is_asked_for_on_a_terminal_and_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pass = "correct horse 7 battery";
+    let (ok_, shown) = on_terminal(d, &["key", "create", "--kdf-memory", "8", "k"], &[pass, pass]);
+    assert!(ok_, "{shown}");
+    assert!(shown.contains("sealed under a passphrase"), "{shown}");
+    assert!(!shown.contains(pass), "the passphrase was echoed: {shown:?}");
+    let file = std::fs::read_to_string(d.join("k")).unwrap();
+    assert!(file.contains("\"kdf\"") && !file.contains("horse"), "{file}");
+
+    // No terminal and no variable: a clear error, nothing made.
+    let out = bd()
+        .args(["init", "--repo", s(&d.join("r")), "--keyfile", s(&d.join("k"))])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = fails(out);
+    assert!(err.contains("BLOCKDELTA_PASSPHRASE") && err.contains("terminal"), "{err}");
+    assert!(!d.join("r").exists());
+
+    let (ok_, shown) = on_terminal(d, &["init", "--repo", "r", "--keyfile", "k"], &[pass]);
+    assert!(ok_ && shown.contains("encrypted"), "{shown}");
+    let (ok_, shown) = on_terminal(d, &["list", "--repo", "r", "--keyfile", "k"], &["nope"]);
+    assert!(!ok_ && shown.contains("wrong passphrase"), "{shown}");
+    // The variable still works without a terminal.
+    let out = bd()
+        .args(["list", "--repo", s(&d.join("r")), "--keyfile", s(&d.join("k"))])
+        .env("BLOCKDELTA_PASSPHRASE", pass)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    ok(out);
+
+    // A new passphrase typed twice differently makes no key file; an empty one makes an
+    // unsealed key.
+    let (ok_, shown) = on_terminal(d, &["key", "create", "k2"], &["one", "two"]);
+    assert!(!ok_ && shown.contains("the passphrases differ"), "{shown}");
+    assert!(!d.join("k2").exists());
+    let (ok_, shown) = on_terminal(d, &["key", "create", "k3"], &[""]);
+    assert!(ok_ && !shown.contains("sealed"), "{shown}");
+    assert!(!std::fs::read_to_string(d.join("k3")).unwrap().contains("\"kdf\""));
+}

@@ -212,7 +212,8 @@ impl Keys {
                 let pass = passphrase().ok_or_else(|| {
                     key_err(
                         &text,
-                        "the key file is protected by a passphrase: set BLOCKDELTA_PASSPHRASE",
+                        "the key file is protected by a passphrase: set BLOCKDELTA_PASSPHRASE (or run \
+                         the command on a terminal, which asks for it)",
                     )
                 })?;
                 let wrap = wrapping_key(&pass, &salt, kdf, &text)?;

@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use repo::key::{KdfParams, Keys};
 
-/// Where a key file's passphrase comes from.
-pub const PASSPHRASE_ENV: &str = "BLOCKDELTA_PASSPHRASE";
+use super::passphrase::{Entry, passphrase};
 
 /// The arguments of `blockdelta key`.
 #[derive(Debug, clap::Args)]
@@ -17,9 +16,10 @@ pub struct KeyArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum KeyCommand {
-    /// Write a new random key to FILE (which must not exist; mode 0600). With
-    /// BLOCKDELTA_PASSPHRASE set, the key is sealed under that passphrase (Argon2id),
-    /// and every command that reads the file needs the same variable.
+    /// Write a new random key to FILE (which must not exist; mode 0600), sealed under a
+    /// passphrase (Argon2id) when BLOCKDELTA_PASSPHRASE is set or, on a terminal, when
+    /// one is typed when asked (empty: none); every command that reads a sealed file
+    /// then takes the same variable or asks for it on a terminal.
     Create {
         /// The key file.
         file: PathBuf,
@@ -42,7 +42,9 @@ pub fn run(args: &KeyArgs) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            let passphrase = std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty());
+            let prompt = format!("Passphrase for {} (empty: none): ", file.display());
+            let passphrase = passphrase(&prompt, Entry::Confirmed)
+                .map_err(|e| super::Failure::new(format!("reading the passphrase: {e}")))?;
             let kdf = KdfParams {
                 memory_kib: kdf_memory << 10,
                 iterations: *kdf_iterations,
@@ -53,7 +55,7 @@ pub fn run(args: &KeyArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{}: new key{}, fingerprint {}",
                 file.display(),
-                if passphrase.is_some() { " sealed under $BLOCKDELTA_PASSPHRASE" } else { "" },
+                if passphrase.is_some() { " sealed under a passphrase" } else { "" },
                 &keys.fingerprint()[..16]
             );
             eprintln!(

@@ -9,6 +9,7 @@ mod info;
 mod init;
 mod key;
 mod list;
+mod passphrase;
 mod progress;
 mod qmp;
 mod repo_args;

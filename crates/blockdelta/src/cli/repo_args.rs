@@ -9,7 +9,7 @@ use repo::key::Keys;
 use repo::repository::CreateOptions;
 use repo::{Error, Repository};
 
-use super::key::PASSPHRASE_ENV;
+use super::passphrase::{Entry, passphrase};
 
 /// The key file's variable.
 pub const KEYFILE_ENV: &str = "BLOCKDELTA_KEYFILE";
@@ -21,21 +21,32 @@ pub struct RepoArgs {
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// The key file of an encrypted repository (default: $BLOCKDELTA_KEYFILE; a
-    /// passphrase comes from $BLOCKDELTA_PASSPHRASE).
+    /// passphrase comes from $BLOCKDELTA_PASSPHRASE, or is asked for on a terminal).
     #[arg(long, value_name = "FILE")]
     pub keyfile: Option<PathBuf>,
 }
 
 impl RepoArgs {
-    /// The key given, read (and unsealed with the passphrase variable), if any.
+    /// The key given, read (and unsealed with the passphrase: the variable's, or typed
+    /// on a terminal), if any.
     pub fn keys(&self) -> anyhow::Result<Option<Keys>> {
         let path = match &self.keyfile {
             Some(p) => Some(p.clone()),
             None => std::env::var_os(KEYFILE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from),
         };
         let Some(path) = path else { return Ok(None) };
-        let keys = Keys::read_key_file(&path, || std::env::var(PASSPHRASE_ENV).ok())?;
-        Ok(Some(keys))
+        let mut asking = None;
+        let keys = Keys::read_key_file(&path, || {
+            let prompt = format!("Passphrase for {}: ", path.display());
+            passphrase(&prompt, Entry::Once).unwrap_or_else(|e| {
+                asking = Some(e);
+                None
+            })
+        });
+        if let Some(e) = asking {
+            anyhow::bail!("{}: reading the passphrase: {e}", path.display());
+        }
+        Ok(Some(keys?))
     }
 
     fn backend(&self) -> anyhow::Result<Arc<dyn Backend>> {
